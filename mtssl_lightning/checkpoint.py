@@ -1,0 +1,81 @@
+"""Getting the pretrained trunk out of a checkpoint, safely (``weights_only=True``, no code runs)."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mtssl_lightning.trunks.base import Trunk
+
+TRUNK_PREFIX = "trunk."
+
+
+def _read(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist; give the path of a .ckpt written by `mtssl fit` (or of an exported trunk)")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - re-raised with the file named
+        raise ValueError(f"{str(path)!r} is not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from err
+    if not isinstance(data, dict) or "trunk_spec" not in data or "state_dict" not in data:
+        raise ValueError(
+            f"{str(path)!r} is not an mtssl-lightning checkpoint or trunk export "
+            "(no 'trunk_spec'/'state_dict'); was it written by `mtssl fit` or `export_trunk`?"
+        )
+    return data
+
+
+def _trunk_class(class_path: str) -> type[Trunk]:
+    module_name, _, name = class_path.rpartition(".")
+    cls = getattr(importlib.import_module(module_name), name, None)
+    # only Trunk subclasses may be built: the file cannot name an arbitrary callable
+    if not (isinstance(cls, type) and issubclass(cls, Trunk)):
+        raise ValueError(f"checkpoint names trunk class {class_path!r}, which is not an mtssl_lightning Trunk")
+    return cls
+
+
+def load_trunk(checkpoint_path: str | os.PathLike, strict: bool = True) -> nn.Module:
+    """The pretrained trunk of a training checkpoint or of a trunk export, in eval mode.
+
+    The file is read with ``torch.load(weights_only=True)``; the trunk is rebuilt from the
+    class path and constructor arguments recorded beside the weights (only
+    :class:`~mtssl_lightning.trunks.Trunk` subclasses are accepted).
+
+    Returns a module mapping ``(B, 3, H, W)`` RGB in [0, 1] to a
+    :class:`~mtssl_lightning.trunks.TrunkOutput` (``features`` of the last block and the
+    outputs of all its ``units``).
+    """
+    data = _read(checkpoint_path)
+    spec = data["trunk_spec"]
+    trunk = _trunk_class(spec["class_path"])(**spec["init_args"])
+    state = data["state_dict"]
+    if any(k.startswith(TRUNK_PREFIX) for k in state):  # a Lightning checkpoint of the whole model
+        state = {k[len(TRUNK_PREFIX):]: v for k, v in state.items() if k.startswith(TRUNK_PREFIX)}
+    result = trunk.load_state_dict(state, strict=False)
+    if strict and (result.missing_keys or result.unexpected_keys):
+        raise ValueError(
+            f"trunk weights in {str(checkpoint_path)!r} do not match {spec['class_path']}({spec['init_args']}): "
+            f"missing keys {result.missing_keys[:20]}, unexpected keys {result.unexpected_keys[:20]}"
+        )
+    return trunk.eval()
+
+
+def export_trunk(checkpoint_path: str | os.PathLike, output_path: str | os.PathLike) -> Path:
+    """Write the trunk alone: ``{"trunk_spec": {...}, "state_dict": {...}}`` of plain tensors.
+
+    The file loads with plain ``torch.load(weights_only=True)``; its ``state_dict`` fits
+    ``ResNetV2(**trunk_spec["init_args"])`` without any of this package's training code.
+    """
+    trunk = load_trunk(checkpoint_path)
+    output = Path(output_path)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_suffix(output.suffix + ".tmp")
+    torch.save({"trunk_spec": trunk.spec(), "state_dict": trunk.state_dict()}, tmp)
+    os.replace(tmp, output)  # atomic: never a half-written export
+    return output

@@ -1,0 +1,102 @@
+"""Per-sample CPU work (in DataLoader workers): decode, crop, resize to a fixed square.
+
+Everything after that — patches, Lab, augmentations, masks — is batched on the device by the
+tasks. Keeping the worker side this thin is what lets two CPU workers feed a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from mtssl_lightning.data.sources import ImageSource
+
+
+def random_resized_box(
+    width: int, height: int, min_scale: float, generator: torch.Generator | None = None
+) -> tuple[int, int, int, int]:
+    """A random crop box ``(x0, y0, x1, y1)`` covering ``min_scale``–1 of the area, aspect 3/4–4/3.
+
+    Like Inception-style RandomResizedCrop; falls back to the largest centred square-ish box.
+    """
+    area = width * height
+    for _ in range(10):
+        u = torch.rand(3, generator=generator).tolist()
+        target = area * (min_scale + (1.0 - min_scale) * u[0])
+        aspect = math.exp(math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * u[1])
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            v = torch.rand(2, generator=generator).tolist()
+            x0 = int(v[0] * (width - w + 1))
+            y0 = int(v[1] * (height - h + 1))
+            return x0, y0, x0 + w, y0 + h
+    side = min(width, height)
+    x0, y0 = (width - side) // 2, (height - side) // 2
+    return x0, y0, x0 + side, y0 + side
+
+
+class CropDataset(Dataset):
+    """Square crops of a source's images as ``(uint8 (3, size, size), image index)``.
+
+    Args:
+        source: the images.
+        size: output side in pixels.
+        length: samples per epoch (indices wrap around the source, so a handful of photos can
+            give many random crops); ``None`` = one per image.
+        train: random resized crops and horizontal flips from torch's RNG (seeded per worker by
+            Lightning); otherwise crops are still random but fixed per index (seeded by
+            ``seed`` and the index), so validation sees the same crops every epoch.
+        min_scale: smallest crop area as a fraction of the image.
+        seed: base seed of the fixed (validation) crops.
+    """
+
+    def __init__(
+        self,
+        source: ImageSource,
+        size: int,
+        length: int | None = None,
+        train: bool = True,
+        min_scale: float = 0.2,
+        seed: int = 0,
+    ) -> None:
+        if len(source) == 0:
+            raise ValueError(f"no images in {source.describe()}")
+        if not 0.0 < min_scale <= 1.0:
+            raise ValueError(f"`min_scale` must be in (0, 1], got {min_scale}")
+        self.source, self.size, self.train = source, size, train
+        self.length = length if length is not None else len(source)
+        self.min_scale, self.seed = min_scale, seed
+        self.bad: set[int] = set()  # per worker process: images that failed to decode
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _load(self, i: int) -> tuple[Image.Image, int]:
+        """Load image ``i``, or the next decodable one, warning once per bad file."""
+        n = len(self.source)
+        for k in range(n):
+            j = (i + k) % n
+            if j in self.bad:
+                continue
+            try:
+                return self.source.load(j), j
+            except Exception as err:  # noqa: BLE001 - any decoder error means "skip this file"
+                self.bad.add(j)
+                warnings.warn(f"skipping unreadable image {self.source.names[j]!r}: {err}", stacklevel=2)
+        raise RuntimeError(f"none of the {n} images in {self.source.describe()} could be decoded")
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, j = self._load(index % len(self.source))
+        generator = None if self.train else torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        box = random_resized_box(image.width, image.height, self.min_scale, generator)
+        crop = image.resize((self.size, self.size), Image.BILINEAR, box=box)
+        array = np.array(crop, dtype=np.uint8)  # a writable copy
+        if self.train and torch.rand(1).item() < 0.5:
+            array = array[:, ::-1]
+        return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).contiguous(), j

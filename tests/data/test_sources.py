@@ -1,0 +1,112 @@
+"""Image sources, crops and the DataModule on real files written to a temporary folder."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mtssl_lightning.data import DataRequest, ImageBatch, ImageFolder, MultiTaskDataModule, SampleImages
+from mtssl_lightning.data.datasets import CropDataset, random_resized_box
+from mtssl_lightning.data.sample import SAMPLE_NAMES, SAMPLE_VAL_NAMES, sample_images
+
+
+def _write_tree(root, n=6):
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        sub = root / f"class{i % 2}" / ("deep" if i % 3 == 0 else "")
+        sub.mkdir(parents=True, exist_ok=True)
+        ext = [".jpg", ".png", ".JPEG"][i % 3]
+        path = sub / f"img{i}{ext}"
+        Image.fromarray(rng.integers(0, 255, (40 + i, 50, 3), dtype=np.uint8)).save(path, format="PNG" if ext == ".png" else "JPEG")
+        paths.append(path)
+    (root / "notes.txt").write_text("not an image")
+    return paths
+
+
+def test_sample_photos_are_real_rgb_and_split_fixed():
+    photos = sample_images("all")
+    assert len(photos) >= 10 and set(photos) == set(SAMPLE_NAMES)
+    for name, image in photos.items():
+        assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3, name
+        assert min(image.shape[:2]) >= 256, name
+        # a colour photo: channels are not all identical
+        assert np.abs(image[..., 0].astype(int) - image[..., 2]).mean() > 1, name
+    train, val = SampleImages("train"), SampleImages("val")
+    assert set(val.names) == set(SAMPLE_VAL_NAMES) and not set(train.names) & set(val.names)
+    assert len(train) + len(val) == len(photos)
+
+
+def test_image_folder_is_recursive_and_split_is_deterministic(tmp_path):
+    paths = _write_tree(tmp_path, n=12)
+    source = ImageFolder(tmp_path)
+    assert len(source) == 12  # notes.txt ignored, upper-case .JPEG found, nested folders found
+    assert source.load(0).mode == "RGB"
+    train, val = source.split(0.25)
+    train2, val2 = ImageFolder(tmp_path).split(0.25)
+    assert val.names == val2.names and train.names == train2.names
+    assert len(val) >= 1 and not set(train.names) & set(val.names)
+    assert len(train) + len(val) == len(paths)
+    # adding images never moves an existing one between the splits
+    Image.fromarray(np.zeros((30, 30, 3), np.uint8)).save(tmp_path / "new.png")
+    _, val3 = ImageFolder(tmp_path).split(0.25)
+    assert set(val.names) <= set(val3.names) or len(val.names) == 1
+
+
+def test_missing_or_empty_folder_errors_name_the_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ImageFolder(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="no image files"):
+        ImageFolder(tmp_path)
+
+
+def test_crops_have_the_requested_size_and_bad_files_are_skipped(tmp_path):
+    _write_tree(tmp_path, n=4)
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
+    source = ImageFolder(tmp_path)
+    dataset = CropDataset(source, size=32, length=10, train=True)
+    with pytest.warns(UserWarning, match="broken.jpg"):
+        items = [dataset[i] for i in range(len(source))]
+    for image, index in items:
+        assert image.shape == (3, 32, 32) and image.dtype == torch.uint8
+        assert source.names[index] != "broken.jpg"
+
+
+def test_validation_crops_are_fixed_per_index():
+    dataset = CropDataset(SampleImages("val"), size=48, length=6, train=False, seed=3)
+    a = torch.stack([dataset[i][0] for i in range(6)])
+    b = torch.stack([dataset[i][0] for i in range(6)])
+    assert torch.equal(a, b)
+    assert not torch.equal(a[0], a[2])  # same photo, different fixed crop
+
+
+def test_random_resized_box_stays_inside_and_covers_min_scale():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        x0, y0, x1, y1 = random_resized_box(300, 200, 0.3, g)
+        assert 0 <= x0 < x1 <= 300 and 0 <= y0 < y1 <= 200
+        assert (x1 - x0) * (y1 - y0) >= 0.3 * 300 * 200 * 0.97
+        assert 3 / 4 * 0.97 <= (x1 - x0) / (y1 - y0) <= 4 / 3 * 1.03
+
+
+def test_datamodule_gives_one_named_sub_batch_per_task():
+    requests = {"a": DataRequest(batch_size=4, image_size=32), "b": DataRequest(batch_size=2, image_size=48)}
+    dm = MultiTaskDataModule(steps_per_epoch=3, val_samples=4, num_workers=0, requests=requests)
+    dm.setup("fit")
+    train = list(dm.train_dataloader())
+    assert len(train) == 3
+    batch = train[0][0]
+    assert set(batch) == {"a", "b"}
+    assert isinstance(batch["a"], ImageBatch) and batch["a"].images.shape == (4, 3, 32, 32)
+    assert batch["b"].images.shape == (2, 3, 48, 48) and batch["b"].images.dtype == torch.uint8
+    val = [b for b, *_ in dm.val_dataloader()]
+    # 4 validation crops: task a has one batch of 4, task b two of 2 (then None for a)
+    assert len(val) == 2 and val[1]["a"] is None and val[1]["b"].images.shape[0] == 2
+
+
+def test_datamodule_rejects_video_tasks_until_a_video_source_exists():
+    dm = MultiTaskDataModule(num_workers=0, requests={"ms": DataRequest(source="videos")})
+    with pytest.raises(ValueError, match="needs a 'videos' source"):
+        dm.setup("fit")
