@@ -35,6 +35,8 @@ class MultiTaskSSL(pl.LightningModule):
         lr_scheduler: optional; stepped every training step.
         val_seed: seed of the task-side randomness in validation (patch positions, …), so
             validation inputs are identical every epoch.
+        pixel_scale: multiplies every task's pixel sizes (crop size, patch size, gap, …) before
+            the heads are built; ``configs/tiny.yaml`` uses 0.25 to shrink any experiment.
     """
 
     def __init__(
@@ -44,6 +46,7 @@ class MultiTaskSSL(pl.LightningModule):
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         val_seed: int = 1234,
+        pixel_scale: float = 1.0,
     ) -> None:
         super().__init__()
         if not tasks:
@@ -55,8 +58,12 @@ class MultiTaskSSL(pl.LightningModule):
             if not name.isidentifier():
                 raise ValueError(f"task name {name!r} must be a Python identifier (letters, digits, _)")
         self.trunk = trunk if trunk is not None else ResNetV2()
+        if pixel_scale <= 0:
+            raise ValueError(f"`pixel_scale` must be positive, got {pixel_scale}")
         self.tasks = nn.ModuleDict(tasks)
         for task in self.tasks.values():
+            if pixel_scale != 1.0:
+                task.rescale(pixel_scale)
             task.attach(self.trunk.out_channels, self.trunk.out_stride)
         self.metrics = nn.ModuleDict(
             {

@@ -109,3 +109,10 @@ def test_load_trunk_errors_name_the_problem(tmp_path):
     torch.save({"trunk_spec": {"class_path": "os.system", "init_args": {}}, "state_dict": {}}, tmp_path / "evil.pt")
     with pytest.raises(ValueError, match="not an mtssl_lightning Trunk"):
         load_trunk(tmp_path / "evil.pt")
+
+
+def test_pixel_scale_shrinks_task_pixel_sizes():
+    model = MultiTaskSSL(tasks={"b": Brightness(image_size=224)}, trunk=ResNetV2("tiny", width=0.125), pixel_scale=0.25)
+    assert model.data_requests()["b"].image_size == 56
+    with pytest.raises(ValueError, match="pixel_scale"):
+        MultiTaskSSL(tasks={"b": Brightness()}, trunk=ResNetV2("tiny", width=0.125), pixel_scale=0)

@@ -59,6 +59,14 @@ class Task(nn.Module, abc.ABC):
         """What this task needs from the DataModule."""
         return DataRequest(source=self.source, batch_size=self.batch_size, image_size=self.image_size)
 
+    def rescale(self, factor: float) -> None:
+        """Multiply every pixel size of the task by ``factor`` (``model.pixel_scale``).
+
+        The base class scales ``image_size``; tasks with more pixel sizes (patches, gaps)
+        extend it. Lets one overlay config (``configs/tiny.yaml``) shrink any experiment.
+        """
+        self.image_size = max(1, round(self.image_size * factor))
+
     def attach(self, channels: int, stride: int) -> None:
         """Create the head for a trunk with ``channels`` output channels at ``stride``."""
         self.head = self.build_head(channels, stride)

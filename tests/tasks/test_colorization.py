@@ -1,0 +1,366 @@
+"""Colorization: bins against skimage's gamut, soft encoding, rebalancing, metrics, shapes, learning."""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+
+import numpy as np
+import pytest
+import skimage.color
+import torch
+
+from mtssl_lightning.data.color import rgb_to_lab
+from mtssl_lightning.data.sample import sample_images
+from mtssl_lightning.tasks.colorization import (
+    AbErrorAuC,
+    Colorization,
+    ColorizationBatch,
+    TopBinAccuracy,
+    ab_gamut_bins,
+    annealed_mean,
+    rebalance_weights,
+    smooth_prior,
+    soft_encode,
+)
+from mtssl_lightning.trunks.resnet_v2 import ResNetV2
+
+GRID = 10
+
+
+@pytest.fixture(scope="module")
+def centres() -> torch.Tensor:
+    return ab_gamut_bins(GRID)
+
+
+@pytest.fixture(scope="module")
+def photo_ab() -> list[torch.Tensor]:
+    """ab ``(1, 2, h, w)`` of every sample photo (subsampled 3x), from skimage (independent)."""
+    out = []
+    for im in sample_images("all").values():
+        lab = skimage.color.rgb2lab(im[::3, ::3])
+        out.append(torch.from_numpy(lab[..., 1:]).permute(2, 0, 1)[None].to(torch.float32))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# bins
+# ---------------------------------------------------------------------------------------------
+
+
+def test_bin_count_and_extent_are_stable(centres: torch.Tensor) -> None:
+    # documented in ab_gamut_bins: 229 in-gamut centres (default); 262 cells hold sRGB colours
+    # (Zhang et al. keep 313)
+    assert centres.shape == (229, 2) and centres.dtype == torch.float32
+    assert torch.equal(centres, torch.round(centres / GRID) * GRID)  # on the grid
+    assert len(torch.unique(centres, dim=0)) == len(centres)
+    cells = ab_gamut_bins(GRID, "cell")
+    assert cells.shape == (262, 2)
+    assert cells[:, 0].min() == -90 and cells[:, 0].max() == 100
+    assert cells[:, 1].min() == -110 and cells[:, 1].max() == 90
+    # every in-gamut centre is also a cell that holds colours
+    assert {tuple(c) for c in centres.tolist()} <= {tuple(c) for c in cells.tolist()}
+    # cached but returned as a copy
+    again = ab_gamut_bins(GRID)
+    again.zero_()
+    assert torch.equal(ab_gamut_bins(GRID), centres)
+
+
+def _cube_surface_ab_skimage(steps: int) -> np.ndarray:
+    """ab of a ``steps²`` lattice on each RGB cube face, by skimage: ``(N, 2)``."""
+    g = np.linspace(0.0, 1.0, steps)
+    u, v = np.meshgrid(g, g, indexing="ij")
+    faces = []
+    for axis in range(3):
+        others = [i for i in range(3) if i != axis]
+        for value in (0.0, 1.0):
+            rgb = np.empty((steps, steps, 3))
+            rgb[..., axis] = value
+            rgb[..., others[0]], rgb[..., others[1]] = u, v
+            faces.append(skimage.color.rgb2lab(rgb)[..., 1:].reshape(-1, 2))
+    return np.concatenate(faces)
+
+
+def test_cell_bins_are_exactly_the_cells_skimage_colours_fall_into() -> None:
+    """Every bin holds an sRGB colour and every sRGB colour falls into a bin (skimage's Lab, a
+    different lattice from the derivation's 512²)."""
+    ab = _cube_surface_ab_skimage(600)
+    cells = {tuple(c) for c in (np.floor(ab / GRID + 0.5).astype(np.int64) * GRID).tolist()}
+    ours = {tuple(c) for c in ab_gamut_bins(GRID, "cell").to(torch.int64).tolist()}
+    assert cells == ours
+
+
+def test_every_bin_centre_is_in_gamut_by_skimage() -> None:
+    """Each centre of the default "centre" rule has some L whose Lab colour survives skimage's
+    lab2rgb -> rgb2lab round trip (lab2rgb clips out-of-gamut colours, which breaks it)."""
+    strict = ab_gamut_bins(GRID).to(torch.float64).numpy()
+    # a finer L sweep than the derivation's: (20, 80) is in gamut only for L ∈ [76.56, 76.66]
+    lightness = np.linspace(0.01, 99.99, 5000)
+    lab = np.empty((len(lightness), len(strict), 3))
+    lab[..., 0] = lightness[:, None]
+    lab[..., 1:] = strict[None]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "negative Z values" for far-out colours
+        back = skimage.color.rgb2lab(skimage.color.lab2rgb(lab))
+    in_gamut = np.abs(back - lab).max(-1) < 1e-3
+    assert in_gamut.any(0).all(), strict[~in_gamut.any(0)]
+
+
+def test_bins_cover_the_ab_of_real_photos(centres: torch.Tensor, photo_ab: list[torch.Tensor]) -> None:
+    # with "cell" bins the nearest centre of any in-gamut ab is at most half a cell diagonal away
+    # (measured 7.057); the in-gamut centres leave a little more at the gamut edge (measured 7.10)
+    bound = GRID * math.sqrt(2) / 2 + 0.4
+    for ab in photo_ab:
+        nearest = torch.cdist(ab[0].reshape(2, -1).T, centres).min(1).values
+        assert nearest.max() <= bound
+
+
+# ---------------------------------------------------------------------------------------------
+# soft encoding / decoding
+# ---------------------------------------------------------------------------------------------
+
+
+def test_soft_encode_sums_to_one_with_five_bins_and_decodes_back(
+    centres: torch.Tensor, photo_ab: list[torch.Tensor]
+) -> None:
+    for ab in photo_ab:
+        z = soft_encode(ab, centres, neighbours=5, sigma=5.0)
+        assert z.shape == (1, len(centres), *ab.shape[-2:])
+        torch.testing.assert_close(z.sum(1), torch.ones_like(z[:, 0]), atol=1e-5, rtol=0)
+        assert ((z > 0).sum(1) == 5).all()
+        # plain mean of the soft target: 99.9 % of pixels within 0.69 ab units (measured); the
+        # worst pixels, at the gamut edge beyond the outermost in-gamut centres, 5.35
+        mean = torch.einsum("bqhw,qc->bchw", z, centres)
+        error = (mean - ab).norm(dim=1).flatten()
+        assert error.quantile(0.999) < 1.0 and error.max() < 6.0
+        # annealed mean (T = 0.38) of log z: 99.9 % within 2.71, worst 5.38 (measured)
+        decoded = annealed_mean(z.clamp_min(1e-30).log(), centres, 0.38)
+        error = (decoded - ab).norm(dim=1).flatten()
+        assert error.quantile(0.999) < 3.0 and error.max() < 6.0
+
+
+def test_soft_encode_hand_case_at_a_bin_centre(centres: torch.Tensor) -> None:
+    ab = torch.tensor([0.0, 0.0]).view(1, 2, 1, 1)  # grey, exactly the centre (0, 0)
+    z = soft_encode(ab, centres, neighbours=5, sigma=5.0)[0, :, 0, 0]
+    # distances 0, 10, 10, 10, 10 -> weights ∝ 1, e^-2 (×4), since 10² / (2·5²) = 2
+    expected = {(0, 0): 1.0, **{key: math.exp(-2) for key in [(10, 0), (-10, 0), (0, 10), (0, -10)]}}
+    norm = sum(expected.values())
+    got = {tuple(centres[i].to(torch.int64).tolist()): z[i].item() for i in torch.nonzero(z).flatten()}
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value / norm, abs=1e-6)
+
+
+def test_annealed_mean_temperatures(centres: torch.Tensor) -> None:
+    logits = torch.randn(2, len(centres), 3, 3, generator=torch.Generator().manual_seed(0))
+    plain = torch.einsum("bqhw,qc->bchw", torch.softmax(logits, 1), centres)
+    torch.testing.assert_close(annealed_mean(logits, centres, 1.0), plain)
+    mode = centres[logits.argmax(1)].permute(0, 3, 1, 2)
+    torch.testing.assert_close(annealed_mean(logits, centres, 1e-4), mode)
+
+
+# ---------------------------------------------------------------------------------------------
+# rebalancing
+# ---------------------------------------------------------------------------------------------
+
+
+def test_rebalance_weights_formula_hand_case() -> None:
+    p = torch.tensor([0.7, 0.2, 0.1, 0.0], dtype=torch.float64)
+    w = rebalance_weights(p, lam=0.5)
+    raw = 1.0 / (0.5 * p + 0.5 / 4)  # 1 / (0.475, 0.225, 0.175, 0.125)
+    torch.testing.assert_close(w / w[0], raw / raw[0])
+    assert (p * w).sum().item() == pytest.approx(1.0, abs=1e-12)  # E_p̃[w] = 1
+    # λ = 1: no rebalancing, all weights 1
+    torch.testing.assert_close(rebalance_weights(p, lam=1.0), torch.ones(4, dtype=torch.float64))
+
+
+def test_smooth_prior_hand_case() -> None:
+    c = torch.tensor([[0.0, 0.0], [10.0, 0.0], [100.0, 100.0]])
+    p = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    s = smooth_prior(p, c, sigma=5.0)
+    # neighbour at distance 10 gets e^-2 of the mass of the bin itself; the far one ~nothing
+    e = math.exp(-2)
+    torch.testing.assert_close(s, torch.tensor([1 / (1 + e), e / (1 + e), 0.0], dtype=torch.float64))
+
+
+def test_task_prior_is_counted_online_and_used_after_warm_up() -> None:
+    task = Colorization(batch_size=2, image_size=32, prior_warmup_pixels=100)
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    task.eval()
+    task.build(images)
+    assert task.prior_counts.sum() == 0  # validation batches are not counted
+    assert torch.equal(task.class_weights(), torch.ones(task.num_bins))
+    task.train()
+    batch = task.build(images)  # 2 × 8 × 8 = 128 pixels ≥ warm-up
+    torch.testing.assert_close(task.prior_counts, batch.soft_targets.sum((0, 2, 3)).double())
+    smoothed = smooth_prior(task.empirical_prior(), task.centres, 5.0)
+    w = task.class_weights()
+    torch.testing.assert_close(w, rebalance_weights(smoothed, 0.5).float())
+    assert (smoothed.float() * w).sum().item() == pytest.approx(1.0, abs=1e-5)
+    assert "prior_counts" in task.state_dict() and "centres" not in task.state_dict()
+    assert torch.equal(Colorization(rebalance=False, image_size=32).class_weights(), torch.ones(task.num_bins))
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics
+# ---------------------------------------------------------------------------------------------
+
+
+def test_auc_perfect_and_constant_error() -> None:
+    ab = torch.round(torch.randn(2, 2, 4, 4) * 30)  # integers, so that |shift| stays exact
+    metric = AbErrorAuC()
+    metric.update(None, None, ab, ab)
+    assert metric.compute().item() == pytest.approx(1.0)  # zero error is under every t ≥ 0
+
+    for e in (0.0, 10.0, 10.5, 149.2, 300.0):
+        metric = AbErrorAuC()
+        shift = torch.tensor([e * 0.6, e * 0.8]).view(1, 2, 1, 1)  # |shift| = e
+        metric.update(None, None, ab + shift, ab)
+        expected = max(151 - math.ceil(e), 0) / 151  # thresholds t = 0..150 with e ≤ t
+        assert metric.compute().item() == pytest.approx(expected, abs=1e-6), e
+
+
+def test_auc_sums_over_batches() -> None:
+    g = torch.Generator().manual_seed(0)
+    pred, true = torch.randn(4, 2, 5, 5, generator=g) * 40, torch.randn(4, 2, 5, 5, generator=g) * 40
+    split, whole = AbErrorAuC(), AbErrorAuC()
+    split.update(None, None, pred[:1], true[:1])
+    split.update(None, None, pred[1:], true[1:])
+    whole.update(None, None, pred, true)
+    assert split.compute().item() == pytest.approx(whole.compute().item(), abs=1e-7)
+    err = (pred - true).norm(dim=1).flatten()
+    reference = torch.stack([(err <= t).float().mean() for t in range(151)]).mean()
+    assert whole.compute().item() == pytest.approx(reference.item(), abs=1e-6)
+
+
+def test_top_bin_accuracy_hand_case() -> None:
+    soft = torch.zeros(1, 3, 1, 4)
+    soft[0, [0, 1, 2, 2], 0, [0, 1, 2, 3]] = 1.0  # target bins 0, 1, 2, 2
+    logits = torch.zeros(1, 3, 1, 4)
+    logits[0, [0, 1, 0, 0], 0, [0, 1, 2, 3]] = 5.0  # predicted bins 0, 1, 0, 0
+    metric = TopBinAccuracy()
+    metric.update(logits[..., :2], soft[..., :2], None, None)
+    metric.update(logits[..., 2:], soft[..., 2:], None, None)
+    assert metric.compute().item() == pytest.approx(0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# the task end to end
+# ---------------------------------------------------------------------------------------------
+
+
+def test_rgb_input_mode_is_refused() -> None:
+    with pytest.raises(ValueError, match="lab_gray"):
+        Colorization(input_mode="rgb")
+
+
+@pytest.mark.parametrize("size", [(64, 64), (80, 48), (66, 50)])
+def test_build_forward_loss_shapes_and_gradients(size: tuple[int, int]) -> None:
+    torch.manual_seed(0)
+    trunk = ResNetV2("tiny", width=0.25)
+    task = Colorization(batch_size=2, image_size=64, head_channels=16, prior_warmup_pixels=10)
+    task.attach(trunk.out_channels, trunk.out_stride)
+    images = torch.rand(2, 3, *size)
+    batch = task.build(images)
+    h, w = size[0] // 4, size[1] // 4
+    assert isinstance(batch, ColorizationBatch)
+    assert batch.inputs.shape == (2, 3, *size) and batch.lightness.shape == (2, 1, *size)
+    assert batch.ab.shape == (2, 2, h, w) and batch.soft_targets.shape == (2, task.num_bins, h, w)
+    if size[0] % 4 == 0 and size[1] % 4 == 0:  # area-downsampled ab of the image
+        expected_ab = torch.nn.functional.avg_pool2d(rgb_to_lab(images)[:, 1:], 4)
+        torch.testing.assert_close(batch.ab, expected_ab, atol=1e-4, rtol=0)
+    logits = task(trunk(batch.inputs).features, batch)
+    assert logits.shape == (2, task.num_bins, h, w)
+    loss = task.loss(logits, batch)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    assert trunk.root.weight.grad is not None and trunk.root.weight.grad.abs().sum() > 0
+    metrics = task.make_metrics()
+    metrics.update(*task.metric_inputs(logits, batch))
+    values = metrics.compute()
+    assert set(values) == {"top_bin_acc", "ab_auc"} and all(0 <= v <= 1 for v in values.values())
+    rgb = task.decode_rgb(logits, batch.lightness)
+    assert rgb.shape == (2, 3, *size) and rgb.min() >= 0 and rgb.max() <= 1
+
+
+def test_decode_rgb_of_the_targets_reproduces_the_photo() -> None:
+    image = sample_images("val")["coffee"][:128, :128]
+    x = torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float() / 255
+    task = Colorization(image_size=128)
+    batch = task.build(x)
+    rgb = task.decode_rgb(batch.soft_targets.clamp_min(1e-30).log(), batch.lightness)
+    grey = task.decode_rgb(torch.zeros_like(batch.soft_targets), batch.lightness)  # ~ uniform -> mean ab
+    err, err_grey = (rgb - x).abs().mean().item(), (grey - x).abs().mean().item()
+    assert err < 0.02 and err < 0.5 * err_grey, (err, err_grey)
+
+
+def test_prior_baseline_loss_matches_the_formula() -> None:
+    task = Colorization(batch_size=2, image_size=32, rebalance=False)
+    task.train()
+    batch = task.build(torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+    prior = 0.9999 * task.empirical_prior() + 1e-4 / task.num_bins
+    expected = -(batch.soft_targets * prior.float().log().view(1, -1, 1, 1)).sum(1).mean()
+    assert task.prior_baseline_loss(batch).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def _random_crops(images: list[torch.Tensor], n: int, size: int, g: torch.Generator) -> torch.Tensor:
+    """``n`` random ``size²`` crops of ``(3, H, W)`` float images: ``(n, 3, size, size)``."""
+    out = []
+    for _ in range(n):  # CPU-side sampling of a test, not a device op
+        im = images[int(torch.randint(len(images), (1,), generator=g))]
+        y = int(torch.randint(im.shape[1] - size + 1, (1,), generator=g))
+        x = int(torch.randint(im.shape[2] - size + 1, (1,), generator=g))
+        out.append(im[:, y : y + size, x : x + size])
+    return torch.stack(out)
+
+
+@pytest.mark.slow
+def test_colorization_learns_on_held_out_regions() -> None:
+    """A tiny trunk + head, trained with Adam on crops of the left 70 % of the "train" photos,
+    beats the prior baseline by ≥ 10 % (rebalanced loss) on crops of the right 30 %.
+
+    The "val" photos (coffee, china) are printed but not asserted: their colours are not
+    predictable from 9 training photos — even the L-conditional bin histogram of the training
+    pixels is worse there (CE 4.15) than the unconditional prior (4.08), so no model relying
+    on lightness statistics can beat the prior baseline on them.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        to_float = lambda im: torch.from_numpy(im.copy()).permute(2, 0, 1).float() / 255  # noqa: E731
+        photos = [to_float(im) for im in sample_images("train").values()]
+        train = [im[:, :, : int(0.7 * im.shape[2])] for im in photos]
+        held_out = [im[:, :, int(0.7 * im.shape[2]) :] for im in photos]
+        val = [to_float(im) for im in sample_images("val").values()]
+
+        trunk = ResNetV2("tiny", width=0.25)
+        task = Colorization(batch_size=16, image_size=64, head_channels=32, prior_warmup_pixels=2000)
+        task.attach(trunk.out_channels, trunk.out_stride)
+        opt = torch.optim.Adam([*trunk.parameters(), *task.parameters()], lr=1e-3)
+        g = torch.Generator().manual_seed(1)
+        start = time.perf_counter()
+        trunk.train(), task.train()
+        for _ in range(300):
+            batch = task.build(_random_crops(train, 16, 64, g))
+            loss = task.loss(task(trunk(batch.inputs).features, batch), batch)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        trunk.eval(), task.eval()
+        results = {}
+        with torch.no_grad():
+            for name, images in (("held_out", held_out), ("val", val)):
+                batch = task.build(_random_crops(images, 32, 64, torch.Generator().manual_seed(2)))
+                logits = task(trunk(batch.inputs).features, batch)
+                baseline = min(task.prior_baseline_loss(batch), task.prior_baseline_loss(batch, smoothed=True))
+                results[name] = (task.loss(logits, batch).item(), baseline.item())
+        seconds = time.perf_counter() - start
+    finally:
+        torch.set_num_threads(threads)
+    for name, (model, baseline) in results.items():
+        print(f"{name}: loss {model:.3f}, prior baseline {baseline:.3f}, ratio {model / baseline:.3f}")
+    print(f"train + eval {seconds:.1f} s on 1 thread")
+    model, baseline = results["held_out"]
+    assert model <= 0.9 * baseline
