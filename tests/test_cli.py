@@ -88,3 +88,52 @@ def test_console_script_runs(tmp_path, toy_config):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "mtssl: training finished." in result.stdout
+
+
+def _short(tmp_path, *configs):
+    """Run `mtssl fit` on real configs for a few steps, with every output under tmp_path."""
+    args = ["fit"]
+    for config in configs:
+        text = (ROOT / "configs" / config).read_text()
+        for run_dir in ("runs/quickstart", "runs/tiny", "runs/rp", "runs/col"):
+            text = text.replace(run_dir, str(tmp_path))  # checkpoints, W&B and config under tmp_path
+        copy = tmp_path / config.replace("/", "_")
+        copy.write_text(text)
+        args += ["--config", str(copy)]
+    args += [
+        "--trainer.max_epochs=1", "--trainer.max_steps=3", "--trainer.limit_val_batches=1",
+        "--trainer.enable_progress_bar=false", "--data.steps_per_epoch=3", "--data.val_samples=8",
+        "--data.num_workers=0",
+    ]
+    return run(args)
+
+
+@pytest.mark.slow
+def test_quickstart_config_trains_both_tasks_and_leaves_a_usable_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    cli = _short(tmp_path, "quickstart.yaml")
+    assert set(cli.model.tasks) == {"rp", "col"}
+    for key in ("train/rp/loss_epoch", "train/col/loss_epoch", "val/rp/accuracy", "val/col/ab_auc"):
+        assert key in cli.trainer.callback_metrics, key
+    assert os.environ["WANDB_MODE"] == "offline"  # no W&B set-up -> offline by default
+    runs = list(tmp_path.glob("wandb/offline-run-*"))
+    assert runs and any(runs[0].glob("*.wandb")), "no offline W&B run written"
+    trunk = load_trunk(tmp_path / "checkpoints" / "last.ckpt")
+    with torch.no_grad():
+        out = trunk(torch.rand(2, 3, 224, 224))
+    # v2_26 at width 0.25: block 3 has 2 units of 256 channels, output stride 16
+    assert out.features.shape == (2, 256, 14, 14)
+    assert len(out.units) == 2 and all(u.shape == (2, 256, 14, 14) for u in out.units)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment", ["pretrain/rp.yaml", "pretrain/col.yaml"])
+def test_paper_configs_run_on_the_cpu_with_the_tiny_overlay(tmp_path, experiment, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cli = _short(tmp_path, experiment, "tiny.yaml")
+    assert cli.trainer.global_step == 3
+    assert cli.model.trunk.depth == "tiny"
+    for task in cli.model.tasks.values():  # pixel sizes shrunk 4x from the paper's
+        assert task.image_size <= 112

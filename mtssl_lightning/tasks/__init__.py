@@ -2,5 +2,6 @@
 
 from mtssl_lightning.tasks.base import Task
 from mtssl_lightning.tasks.colorization import Colorization
+from mtssl_lightning.tasks.relative_position import RelativePosition
 
-__all__ = ["Colorization", "Task"]
+__all__ = ["Colorization", "RelativePosition", "Task"]
