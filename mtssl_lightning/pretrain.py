@@ -92,6 +92,8 @@ class MultiTaskSSL(pl.LightningModule):
         return out
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if isinstance(batch, ImageBatch):  # prediction: one task's loader at a time, in task order
+            batch = {list(self.tasks)[dataloader_idx]: batch}
         if not isinstance(batch, dict):
             return batch
         if self.trainer.training:
@@ -140,6 +142,10 @@ class MultiTaskSSL(pl.LightningModule):
 
     def test_step(self, batch: dict[str, TaskBatch | None], batch_idx: int) -> Tensor:
         return self._shared_step(batch, "val")
+
+    def predict_step(self, batch: dict[str, TaskBatch | None], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        """Each task's predictions on its validation-style inputs, ``{task: prediction}``."""
+        return {name: self.task_forward(name, sub) for name, sub in batch.items() if sub is not None}
 
     # -------------------------------------------------------------- optimizers
     def configure_optimizers(self) -> Any:

@@ -137,3 +137,20 @@ def test_paper_configs_run_on_the_cpu_with_the_tiny_overlay(tmp_path, experiment
     assert cli.model.trunk.depth == "tiny"
     for task in cli.model.tasks.values():  # pixel sizes shrunk 4x from the paper's
         assert task.image_size <= 112
+
+
+@pytest.mark.parametrize("subcommand", ["validate", "test", "predict"])
+def test_other_subcommands_run_from_a_checkpoint(tmp_path, subcommand):
+    # two tasks, so that prediction goes through one loader per task
+    second = "    other:\n      class_path: toy_tasks.Brightness\n      init_args: {batch_size: 2, image_size: 48}\n"
+    toy_config = tmp_path / "toy2.yaml"
+    first = "      init_args: {batch_size: 2, image_size: 32}\n"
+    toy_config.write_text(TOY.replace(first, first + second))
+    run(["fit", "--config", str(toy_config), f"--trainer.default_root_dir={tmp_path}"])
+    ckpt = sorted(tmp_path.rglob("*.ckpt"))[0]
+    cli = run([subcommand, "--config", str(toy_config), f"--trainer.default_root_dir={tmp_path / subcommand}", f"--ckpt_path={ckpt}"])
+    if subcommand == "predict":
+        bright, other = cli.trainer.predict_loop.predictions  # one list per task loader
+        assert bright[0]["bright"].shape == (2,) and other[0]["other"].shape == (2,)
+    else:
+        assert "val/bright/loss" in cli.trainer.callback_metrics

@@ -138,3 +138,13 @@ class MultiTaskDataModule(pl.LightningDataModule):
         }
         # tasks with larger batches run out first: "max_size" gives them None afterwards
         return CombinedLoader(loaders, mode="max_size")
+
+    def test_dataloader(self) -> CombinedLoader:
+        """The validation crops (the sample data and image folders have no separate test split)."""
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> CombinedLoader:
+        """The validation crops, for ``mtssl predict``; one task after the other (Lightning's
+        prediction loop only takes "sequential"), in the order of ``requests``."""
+        loaders = self.val_dataloader().iterables
+        return CombinedLoader(loaders, mode="sequential")
