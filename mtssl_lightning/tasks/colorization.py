@@ -10,10 +10,11 @@ into one ab value for pictures and for the ab-error AuC metric.
 Deviations from Zhang et al. / assumptions (all config options):
 
 * **Bins.** Zhang et al. keep Q = 313 bins; we derive the in-gamut bins from the sRGB gamut
-  ourselves (see :func:`ab_gamut_bins`) and get **Q = 262** for grid 10 with the default rule
-  (cells that contain an sRGB colour; same extent as Zhang et al.'s bins: a ∈ [-90, 100],
-  b ∈ [-110, 90]) or Q = 229 with the stricter "centre in gamut" rule. We could not reproduce
-  313 from the sRGB gamut; their released bin list is not bundled here.
+  ourselves (see :func:`ab_gamut_bins`) and get **Q = 229** for grid 10 with the default
+  "centre in gamut" rule (every bin centre is a real sRGB colour), or Q = 262 with the "cell"
+  rule (cells that contain an sRGB colour; same extent as Zhang et al.'s bins: a ∈ [-90, 100],
+  b ∈ [-110, 90]). We could not reproduce 313 from the sRGB gamut; their released bin list is
+  not bundled here.
 * **Prior.** The bin prior for rebalancing is estimated *online* from the training batches
   (a persistent buffer, saved in checkpoints), not precomputed over ImageNet. Until
   ``prior_warmup_pixels`` pixels have been counted the weights are uniform (plain
