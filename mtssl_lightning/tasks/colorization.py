@@ -49,9 +49,12 @@ __all__ = [
     "TopBinAccuracy",
     "ab_gamut_bins",
     "annealed_mean",
+    "candidate_table",
+    "densify",
     "rebalance_weights",
     "smooth_prior",
     "soft_encode",
+    "soft_encode_sparse",
 ]
 
 
@@ -145,30 +148,92 @@ def ab_gamut_bins(grid: int = 10, rule: GamutRule = "centre") -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def soft_encode(ab: Tensor, centres: Tensor, neighbours: int = 5, sigma: float = 5.0) -> Tensor:
-    """Soft-encode ab values on the bins: ``(B, 2, h, w)`` -> ``(B, Q, h, w)``.
+#: ab extent covered by the candidate table (sRGB colours have |a|, |b| < 128)
+_TABLE_EXTENT = 128
 
-    Each pixel gets Gaussian weights ``exp(-d² / 2σ²)`` on its ``neighbours`` nearest bin
-    centres (``d`` the Euclidean ab distance), normalised to sum to 1; all other bins are 0.
 
-    Args:
-        ab: ``(B, 2, h, w)`` a and b channels.
-        centres: ``(Q, 2)`` bin centres (see :func:`ab_gamut_bins`).
-        neighbours: bins per pixel with non-zero weight.
-        sigma: Gaussian width in ab units.
+@functools.lru_cache(maxsize=8)
+def _candidate_table_cached(centres_key: tuple[tuple[float, float], ...], neighbours: int, resolution: float) -> Tensor:
+    centres = torch.tensor(centres_key, dtype=torch.float64)
+    n = int(2 * _TABLE_EXTENT / resolution) + 1
+    g = torch.arange(n, dtype=torch.float64) * resolution - _TABLE_EXTENT
+    a, b = torch.meshgrid(g, g, indexing="ij")
+    cells = torch.stack([a.reshape(-1), b.reshape(-1)], 1)
+    dist = torch.cdist(cells, centres)  # (n², Q)
+    kth = dist.kthvalue(neighbours, dim=1, keepdim=True).values
+    # any point of a cell is within δ = resolution·√2/2 of the cell centre p, so its k nearest
+    # bins are among those with d(p, c) ≤ d_k(p) + 2δ (triangle inequality both ways)
+    count = int((dist <= kth + resolution * math.sqrt(2.0) + 1e-6).sum(1).max())
+    return torch.topk(dist, count, dim=1, largest=False).indices
+
+
+def candidate_table(centres: Tensor, neighbours: int = 5, resolution: float = 2.0) -> Tensor:
+    """Lookup table of the bins that can be among a pixel's ``neighbours`` nearest: ``(n², M)`` int64.
+
+    The ab square ``[-128, 128]²`` is cut into ``n × n`` cells of side ``resolution`` (``n = 129``
+    at the default 2 ab units). Row ``i · n + j`` lists, nearest first, the ``M`` bins nearest to
+    the centre ``p`` of cell ``(i, j)``, where ``M`` is the smallest count that contains, for
+    every cell, all bins with ``d(p, c) ≤ d_k(p) + resolution·√2``: by the triangle inequality
+    these include the ``k`` nearest bins of any point of the cell, so encoding with the table is
+    exact (``M = 12`` for the default 229 bins and k = 5). Cached per bin set.
+    """
+    key = tuple((float(a), float(b)) for a, b in centres.tolist())
+    return _candidate_table_cached(key, int(neighbours), float(resolution)).clone()
+
+
+def soft_encode_sparse(
+    ab: Tensor,
+    centres: Tensor,
+    neighbours: int = 5,
+    sigma: float = 5.0,
+    candidates: Tensor | None = None,
+    resolution: float = 2.0,
+) -> tuple[Tensor, Tensor]:
+    """Soft encoding as bin indices and weights: ``(B, 2, h, w)`` -> two ``(B, K, h, w)`` tensors.
+
+    Each pixel gets Gaussian weights ``exp(-d² / 2σ²)`` on its ``K = neighbours`` nearest bin
+    centres (``d`` the Euclidean ab distance), normalised to sum to 1. Returns ``bins`` (int64,
+    nearest first, so ``bins[:, 0]`` is the top bin) and ``weights`` (float32).
+
+    With ``candidates`` (:func:`candidate_table` of the same ``centres``, ``neighbours`` and
+    ``resolution``) each pixel compares its distance to only ``M`` (12) candidate bins instead of
+    all Q; the result is the same (exact for ab in ``[-128, 128]²``, which holds every sRGB colour;
+    values outside are clamped to the border cells for the lookup). Without, all Q bins are compared.
     """
     b, _, h, w = ab.shape
-    q = centres.shape[0]
     pixels = ab.permute(0, 2, 3, 1).reshape(-1, 2).to(torch.float32)
     c = centres.to(device=ab.device, dtype=torch.float32)
-    dist2 = torch.cdist(pixels, c).square()  # (P, Q)
-    d2, idx = torch.topk(dist2, neighbours, dim=1, largest=False)
+    if candidates is None:
+        d2, idx = torch.topk(torch.cdist(pixels, c).square(), neighbours, dim=1, largest=False)
+    else:
+        n = int(2 * _TABLE_EXTENT / resolution) + 1
+        cell = torch.round((pixels + _TABLE_EXTENT) / resolution).clamp_(0, n - 1).to(torch.int64)
+        cand = candidates.to(ab.device)[cell[:, 0] * n + cell[:, 1]]  # (P, M)
+        cand_d2 = (c[cand] - pixels[:, None]).square().sum(-1)
+        d2, pos = torch.topk(cand_d2, neighbours, dim=1, largest=False)
+        idx = cand.gather(1, pos)
     # subtracting the nearest distance keeps exp() from underflowing far from the gamut
     weights = torch.exp(-(d2 - d2[:, :1]) / (2.0 * sigma**2))
     weights = weights / weights.sum(1, keepdim=True)
-    out = torch.zeros(pixels.shape[0], q, device=ab.device, dtype=torch.float32)
-    out.scatter_(1, idx, weights)
-    return out.view(b, h, w, q).permute(0, 3, 1, 2).contiguous()
+    to_map = lambda t: t.view(b, h, w, neighbours).permute(0, 3, 1, 2).contiguous()  # noqa: E731
+    return to_map(idx), to_map(weights)
+
+
+def densify(bins: Tensor, weights: Tensor, num_bins: int) -> Tensor:
+    """Sparse soft targets ``(B, K, h, w)`` bins and weights -> dense ``(B, Q, h, w)`` distributions."""
+    b, _, h, w = bins.shape
+    out = torch.zeros(b, num_bins, h, w, device=weights.device, dtype=weights.dtype)
+    return out.scatter_(1, bins, weights)
+
+
+def soft_encode(ab: Tensor, centres: Tensor, neighbours: int = 5, sigma: float = 5.0) -> Tensor:
+    """Dense soft encoding, the reference: ``(B, 2, h, w)`` -> ``(B, Q, h, w)``.
+
+    Brute force over all Q bins (:func:`soft_encode_sparse` without a table), scattered into a
+    dense distribution per pixel; zero outside the ``neighbours`` nearest bins.
+    """
+    bins, weights = soft_encode_sparse(ab, centres, neighbours, sigma)
+    return densify(bins, weights, centres.shape[0])
 
 
 def annealed_mean(logits: Tensor, centres: Tensor, temperature: float = 0.38) -> Tensor:
@@ -219,8 +284,9 @@ def rebalance_weights(smoothed_prior: Tensor, lam: float = 0.5) -> Tensor:
 class TopBinAccuracy(Metric):
     """Fraction of pixels whose most likely predicted bin is the soft target's most likely bin.
 
-    ``update(logits, soft_targets, pred_ab, true_ab)`` (the colorization metric signature;
-    only the first two are used): logits and soft targets ``(B, Q, h, w)``.
+    ``update(logits, target_bin, pred_ab, true_ab)`` (the colorization metric signature; only
+    the first two are used): logits ``(B, Q, h, w)``, target_bin ``(B, h, w)`` int64 (the nearest
+    bin, i.e. the soft target's largest weight).
     """
 
     full_state_update = False
@@ -232,9 +298,9 @@ class TopBinAccuracy(Metric):
         self.add_state("total", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(
-        self, logits: Tensor, soft_targets: Tensor, pred_ab: Tensor | None = None, true_ab: Tensor | None = None
+        self, logits: Tensor, target_bin: Tensor, pred_ab: Tensor | None = None, true_ab: Tensor | None = None
     ) -> None:
-        hits = logits.argmax(1) == soft_targets.argmax(1)
+        hits = logits.argmax(1) == target_bin
         self.correct += hits.sum().to(torch.float64)
         self.total += float(hits.numel())
 
@@ -252,7 +318,7 @@ class AbErrorAuC(Metric):
     constant error ``e ∈ [0, 150]`` gives ``(151 - ceil(e)) / 151``.
 
     States are per-threshold hit counts and the pixel count, summed across batches and processes.
-    ``update(logits, soft_targets, pred_ab, true_ab)``: ab maps ``(B, 2, h, w)``.
+    ``update(logits, target_bin, pred_ab, true_ab)``: ab maps ``(B, 2, h, w)``.
     """
 
     full_state_update = False
@@ -264,7 +330,7 @@ class AbErrorAuC(Metric):
         self.add_state("hits", torch.zeros(max_threshold + 1, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("total", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, logits: Tensor | None, soft_targets: Tensor | None, pred_ab: Tensor, true_ab: Tensor) -> None:
+    def update(self, logits: Tensor | None, target_bin: Tensor | None, pred_ab: Tensor, true_ab: Tensor) -> None:
         err = torch.linalg.vector_norm(pred_ab.float() - true_ab.float(), dim=1).reshape(-1)
         # e ≤ t for integer t  <=>  t ≥ ceil(e): histogram of ceil(e), then a cumulative sum
         first = torch.ceil(err).clamp(0, self.max_threshold + 1).to(torch.int64)
@@ -290,12 +356,22 @@ class ColorizationBatch(TaskBatch):
         lightness: ``(B, 1, H, W)`` Lab L in [0, 100] at full resolution (for decoding).
         ab: ``(B, 2, h, w)`` true ab, area-downsampled to the prediction resolution
             ``h = H / output_stride``.
-        soft_targets: ``(B, Q, h, w)`` soft-encoded ``ab`` (each pixel sums to 1).
+        target_bins: ``(B, K, h, w)`` int64, the ``K`` (5) nearest bins of ``ab``, nearest first.
+        target_weights: ``(B, K, h, w)`` float32 soft-encoding weights of ``target_bins`` (sum to 1
+            per pixel). Sparse: a dense ``(B, Q, h, w)`` target would be Q / K ≈ 46 times larger.
+        num_bins: Q.
     """
 
     lightness: Tensor
     ab: Tensor
-    soft_targets: Tensor
+    target_bins: Tensor
+    target_weights: Tensor
+    num_bins: int
+
+    @property
+    def soft_targets(self) -> Tensor:
+        """The dense ``(B, Q, h, w)`` soft targets (materialised on each access; for inspection)."""
+        return densify(self.target_bins, self.target_weights, self.num_bins)
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -333,7 +409,7 @@ class ColorizationHead(nn.Module):
 class Colorization(Task):
     """Colorization (Zhang, Isola, Efros 2016): predict quantized ab from L.
 
-    Class rebalancing uses a bin prior estimated **online**: ``build`` adds the soft targets of
+    Class rebalancing uses a bin prior estimated **online**: ``build`` adds the soft-target weights of
     every training batch (``self.training``) to the persistent float64 buffer ``prior_counts``
     (saved in checkpoints; validation batches are not counted). The weights are recomputed from
     it at every loss (Q-sized ops). Until ``prior_warmup_pixels`` target pixels have been counted
@@ -403,6 +479,7 @@ class Colorization(Task):
         self.num_bins = centres.shape[0]
         # derived from `grid`, so not saved; the counts are data and are saved in checkpoints
         self.register_buffer("centres", centres, persistent=False)
+        self.register_buffer("candidates", candidate_table(centres, neighbours), persistent=False)
         self.register_buffer("prior_counts", torch.zeros(self.num_bins, dtype=torch.float64))
 
     # ---- prior -----------------------------------------------------------------------------
@@ -439,21 +516,23 @@ class Colorization(Task):
         inputs = (lightness / 100.0).expand(-1, 3, -1, -1).contiguous()
         size = (images.shape[-2] // self.output_stride, images.shape[-1] // self.output_stride)
         ab = F.interpolate(lab[:, 1:], size=size, mode="area")
-        soft = soft_encode(ab, self.centres, self.neighbours, self.sigma)
+        bins, weights = soft_encode_sparse(ab, self.centres, self.neighbours, self.sigma, self.candidates)
         if self.training:
-            self.prior_counts += soft.sum((0, 2, 3)).to(self.prior_counts.dtype)
-        return ColorizationBatch(inputs=inputs, lightness=lightness, ab=ab, soft_targets=soft)
+            self.prior_counts.index_add_(0, bins.reshape(-1), weights.reshape(-1).to(self.prior_counts.dtype))
+        return ColorizationBatch(
+            inputs=inputs, lightness=lightness, ab=ab, target_bins=bins, target_weights=weights, num_bins=self.num_bins
+        )
 
     def forward(self, features: Tensor, batch: TaskBatch) -> Tensor:
         """``(N, C, h, w)`` features -> ``(N, Q, H/4, W/4)`` logits at the targets' resolution."""
         assert self.head is not None, "call attach() before forward()"
         assert isinstance(batch, ColorizationBatch)
-        return self.head(features, size=tuple(batch.soft_targets.shape[-2:]))
+        return self.head(features, size=tuple(batch.ab.shape[-2:]))
 
     def loss(self, prediction: Tensor, batch: TaskBatch) -> Tensor:
         """Mean over pixels of ``-w(top bin) Σ_q z_q log ẑ_q`` (Zhang et al. eq. 2 with eq. 3's weights)."""
         assert isinstance(batch, ColorizationBatch)
-        return _weighted_soft_ce(prediction, batch.soft_targets, self.class_weights())
+        return _weighted_soft_ce(prediction, batch, self.class_weights())
 
     @torch.no_grad()
     def prior_baseline_loss(self, batch: ColorizationBatch, smoothed: bool = False) -> Tensor:
@@ -466,19 +545,19 @@ class Colorization(Task):
         if smoothed:
             prior = smooth_prior(prior, self.centres, self.prior_sigma)
         prior = 0.9999 * prior + 1e-4 / self.num_bins
-        b, _, h, w = batch.soft_targets.shape
+        b, _, h, w = batch.ab.shape
         logits = prior.log().to(torch.float32).view(1, -1, 1, 1).expand(b, -1, h, w)
-        return _weighted_soft_ce(logits, batch.soft_targets, self.class_weights())
+        return _weighted_soft_ce(logits, batch, self.class_weights())
 
     def make_metrics(self) -> MetricCollection:
         """``top_bin_acc`` (:class:`TopBinAccuracy`) and ``ab_auc`` (:class:`AbErrorAuC`, t = 0…150)."""
         return MetricCollection({"top_bin_acc": TopBinAccuracy(), "ab_auc": AbErrorAuC()})
 
     def metric_inputs(self, prediction: Tensor, batch: TaskBatch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``(logits, soft_targets, annealed-mean ab, true ab)`` for the metrics' ``update``."""
+        """``(logits, target bin (B, h, w), annealed-mean ab, true ab)`` for the metrics' ``update``."""
         assert isinstance(batch, ColorizationBatch)
         pred_ab = annealed_mean(prediction.detach(), self.centres, self.temperature)
-        return prediction.detach(), batch.soft_targets, pred_ab, batch.ab
+        return prediction.detach(), batch.target_bins[:, 0], pred_ab, batch.ab
 
     @torch.no_grad()
     def decode_rgb(self, logits: Tensor, lightness: Tensor) -> Tensor:
@@ -491,8 +570,13 @@ class Colorization(Task):
         return lab_to_rgb(torch.cat([lightness.float(), ab], 1))
 
 
-def _weighted_soft_ce(logits: Tensor, soft_targets: Tensor, class_weights: Tensor) -> Tensor:
-    """Mean over pixels of ``-w[argmax z] Σ_q z_q log softmax(logits)_q``; ``(B, Q, h, w)`` inputs."""
-    ce = -(soft_targets * torch.log_softmax(logits.float(), dim=1)).sum(1)  # (B, h, w)
-    weights = class_weights.to(device=logits.device)[soft_targets.argmax(1)]
+def _weighted_soft_ce(logits: Tensor, batch: ColorizationBatch, class_weights: Tensor) -> Tensor:
+    """Mean over pixels of ``-w[top bin] Σ_k z_k log softmax(logits)[bin_k]``.
+
+    ``logits`` ``(B, Q, h, w)``; the sparse targets ``(B, K, h, w)`` select the K log-probabilities
+    with a ``gather`` (same value as the dense ``Σ_q``, whose other terms are zero).
+    """
+    log_probs = torch.log_softmax(logits.float(), dim=1).gather(1, batch.target_bins)  # (B, K, h, w)
+    ce = -(batch.target_weights * log_probs).sum(1)  # (B, h, w)
+    weights = class_weights.to(device=logits.device)[batch.target_bins[:, 0]]
     return (weights * ce).mean()

@@ -20,9 +20,12 @@ from mtssl_lightning.tasks.colorization import (
     TopBinAccuracy,
     ab_gamut_bins,
     annealed_mean,
+    candidate_table,
+    densify,
     rebalance_weights,
     smooth_prior,
     soft_encode,
+    soft_encode_sparse,
 )
 from mtssl_lightning.trunks.resnet_v2 import ResNetV2
 
@@ -152,6 +155,31 @@ def test_soft_encode_hand_case_at_a_bin_centre(centres: torch.Tensor) -> None:
         assert got[key] == pytest.approx(value / norm, abs=1e-6)
 
 
+@pytest.mark.parametrize("rule", ["centre", "cell"])
+def test_table_encoding_equals_brute_force_nearest_bins(rule: str) -> None:
+    """The candidate table gives the same 5 nearest bins and weights as comparing all Q bins,
+    over the whole sRGB ab range, bin centres, cell borders and lookup-cell borders included."""
+    centres = ab_gamut_bins(GRID, rule)
+    table = candidate_table(centres, 5)
+    g = torch.Generator().manual_seed(0)
+    rgb = torch.rand(1, 3, 64, 64, generator=g)
+    ab = [rgb_to_lab(rgb)[:, 1:].reshape(1, 2, -1)]  # real colours
+    ab.append(torch.rand(1, 2, 4096, generator=g) * 240 - 120)  # the whole square, out of gamut too
+    ab.append(centres.T[None] + 0.5 * torch.randn(1, 2, len(centres), generator=g))  # near centres
+    ab.append(torch.round(torch.rand(1, 2, 4096, generator=g) * 240 - 120) + 1.0)  # odd: lookup-cell borders
+    ab = torch.cat(ab, 2)[..., None]  # (1, 2, P, 1)
+    fast_bins, fast_w = soft_encode_sparse(ab, centres, 5, 5.0, candidates=table)
+    slow_bins, slow_w = soft_encode_sparse(ab, centres, 5, 5.0)
+    fast_d = (centres[fast_bins].permute(0, 4, 1, 2, 3) - ab[:, :, None]).norm(dim=1)
+    slow_d = (centres[slow_bins].permute(0, 4, 1, 2, 3) - ab[:, :, None]).norm(dim=1)
+    # the same distances (bins can differ only between exactly equidistant centres)
+    torch.testing.assert_close(fast_d, slow_d, atol=1e-4, rtol=0)
+    # real colours (continuous values, no exact ties): identical bins in identical order
+    assert torch.equal(fast_bins[:, :, : 64 * 64], slow_bins[:, :, : 64 * 64])
+    torch.testing.assert_close(densify(fast_bins, fast_w, len(centres)).sum(1), torch.ones(1, ab.shape[2], 1))
+    assert table.shape[1] <= 16  # M candidates per pixel instead of Q
+
+
 def test_annealed_mean_temperatures(centres: torch.Tensor) -> None:
     logits = torch.randn(2, len(centres), 3, 3, generator=torch.Generator().manual_seed(0))
     plain = torch.einsum("bqhw,qc->bchw", torch.softmax(logits, 1), centres)
@@ -194,6 +222,7 @@ def test_task_prior_is_counted_online_and_used_after_warm_up() -> None:
     task.train()
     batch = task.build(images)  # 2 × 8 × 8 = 128 pixels ≥ warm-up
     torch.testing.assert_close(task.prior_counts, batch.soft_targets.sum((0, 2, 3)).double())
+    assert task.prior_counts.sum().item() == pytest.approx(128.0)
     smoothed = smooth_prior(task.empirical_prior(), task.centres, 5.0)
     w = task.class_weights()
     torch.testing.assert_close(w, rebalance_weights(smoothed, 0.5).float())
@@ -235,8 +264,7 @@ def test_auc_sums_over_batches() -> None:
 
 
 def test_top_bin_accuracy_hand_case() -> None:
-    soft = torch.zeros(1, 3, 1, 4)
-    soft[0, [0, 1, 2, 2], 0, [0, 1, 2, 3]] = 1.0  # target bins 0, 1, 2, 2
+    soft = torch.tensor([[[0, 1, 2, 2]]])  # target bins 0, 1, 2, 2: (1, 1, 4)
     logits = torch.zeros(1, 3, 1, 4)
     logits[0, [0, 1, 0, 0], 0, [0, 1, 2, 3]] = 5.0  # predicted bins 0, 1, 0, 0
     metric = TopBinAccuracy()
@@ -267,6 +295,9 @@ def test_build_forward_loss_shapes_and_gradients(size: tuple[int, int]) -> None:
     assert isinstance(batch, ColorizationBatch)
     assert batch.inputs.shape == (2, 3, *size) and batch.lightness.shape == (2, 1, *size)
     assert batch.ab.shape == (2, 2, h, w) and batch.soft_targets.shape == (2, task.num_bins, h, w)
+    assert batch.target_bins.shape == batch.target_weights.shape == (2, 5, h, w)
+    # the sparse targets are the reference (brute-force, dense) soft encoding of the true ab
+    torch.testing.assert_close(batch.soft_targets, soft_encode(batch.ab, task.centres), atol=1e-5, rtol=0)
     if size[0] % 4 == 0 and size[1] % 4 == 0:  # area-downsampled ab of the image
         expected_ab = torch.nn.functional.avg_pool2d(rgb_to_lab(images)[:, 1:], 4)
         torch.testing.assert_close(batch.ab, expected_ab, atol=1e-4, rtol=0)
@@ -274,6 +305,12 @@ def test_build_forward_loss_shapes_and_gradients(size: tuple[int, int]) -> None:
     assert logits.shape == (2, task.num_bins, h, w)
     loss = task.loss(logits, batch)
     assert loss.ndim == 0 and torch.isfinite(loss)
+    # Zhang et al. eq. 2 with eq. 3's weights, written densely: -v(argmax z) Σ_q z_q log ẑ_q
+    z = batch.soft_targets
+    v = task.class_weights()[z.argmax(1)]
+    dense = -(v * (z * torch.log_softmax(logits, 1)).sum(1)).mean()
+    assert not torch.equal(task.class_weights(), torch.ones(task.num_bins))  # rebalancing is on
+    assert loss.item() == pytest.approx(dense.item(), rel=1e-5)
     loss.backward()
     assert trunk.root.weight.grad is not None and trunk.root.weight.grad.abs().sum() > 0
     metrics = task.make_metrics()
