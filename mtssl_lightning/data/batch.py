@@ -35,6 +35,48 @@ class ImageBatch:
 
 
 @dataclass
+class ClipBatch:
+    """What a CPU worker delivers for a video task: short clips, cropped and resized alike.
+
+    Attributes:
+        clips: ``(B, T, 3, H, W)`` ``uint8`` RGB frames ``start, start + stride, …`` of each clip
+            (the same crop box and flip for all frames of a clip).
+        index: ``(B,)`` ``int64`` index of each clip's video in its source.
+        start: ``(B,)`` ``int64`` frame number of each clip's first frame, counted from the start of the
+            source's frame window (the video's first frame unless the source uses a ``frame_range``).
+        masks: ``(B, 1, H, W)`` ``uint8`` (0/1) precomputed motion masks of each clip's key frame
+            (frame ``T // 2``), cropped like the frames, when the source provides masks; else ``None``.
+    """
+
+    clips: Tensor
+    index: Tensor
+    start: Tensor
+    masks: Tensor | None = None
+
+    @property
+    def key_frame(self) -> int:
+        """Position in ``T`` of the frame the task predicts for (the middle one)."""
+        return self.clips.shape[1] // 2
+
+    @staticmethod
+    def collate(samples: list[tuple[Tensor, int, int, Tensor | None]]) -> ClipBatch:
+        """Stack ``(clip (T, 3, H, W) uint8, video index, start frame, mask (1, H, W) uint8 or None)``."""
+        masks = [s[3] for s in samples]
+        has = [m is not None for m in masks]
+        if any(has) and not all(has):
+            raise ValueError("some clips of the batch have precomputed masks and some do not; a source must give all or none")
+        return ClipBatch(
+            clips=torch.stack([s[0] for s in samples]),
+            index=torch.tensor([s[1] for s in samples], dtype=torch.int64),
+            start=torch.tensor([s[2] for s in samples], dtype=torch.int64),
+            masks=torch.stack(masks) if all(has) else None,  # type: ignore[arg-type]
+        )
+
+    def __len__(self) -> int:
+        return self.clips.shape[0]
+
+
+@dataclass
 class TaskBatch:
     """A task's inputs and targets, built on the device from an :class:`ImageBatch`.
 
@@ -50,12 +92,16 @@ class DataRequest:
     """What a task needs from the DataModule: which source, how many, how large.
 
     Attributes:
-        source: ``"images"`` (any image folder / the sample photos) or ``"videos"`` (clips,
-            added with the motion-segmentation task).
+        source: ``"images"`` (any image folder / the sample photos; :class:`ImageBatch`) or
+            ``"videos"`` (clips of a video source; :class:`ClipBatch`).
         batch_size: images (or clips) per training step for this task.
         image_size: side of the square crop the CPU workers deliver, in pixels.
+        clip_length: frames per clip (videos only).
+        frame_stride: frames between consecutive clip frames in the video (videos only).
     """
 
     source: Literal["images", "videos"] = "images"
     batch_size: int = 32
     image_size: int = 224
+    clip_length: int = 1
+    frame_stride: int = 1

@@ -43,6 +43,21 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def find_files(root: Path, extensions: tuple[str, ...], kind: str) -> list[str]:
+    """Sorted paths relative to ``root`` of the files under it (recursively, following links)
+    whose suffix is one of ``extensions`` (case-insensitive); a clear error when there is none."""
+    exts = tuple(e.lower() for e in extensions)
+    names = sorted(
+        str(Path(dirpath, f).relative_to(root))
+        for dirpath, _, files in os.walk(root, followlinks=True)
+        for f in files
+        if f.lower().endswith(exts)
+    )
+    if not names:
+        raise FileNotFoundError(f"no {kind} files ({', '.join(exts)}) found under {str(root)!r}")
+    return names
+
+
 class ImageFolder(ImageSource):
     """Every image file under ``root``, recursively (ImageNet's ``train/<class>/*.JPEG`` works).
 
@@ -56,17 +71,7 @@ class ImageFolder(ImageSource):
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {str(self.root)!r} does not exist or is not a folder; set `data.image_root` to a folder of images")
-        exts = tuple(e.lower() for e in extensions)
-        if names is None:
-            names = sorted(
-                str(Path(dirpath, f).relative_to(self.root))
-                for dirpath, _, files in os.walk(self.root, followlinks=True)
-                for f in files
-                if f.lower().endswith(exts)
-            )
-        if not names:
-            raise FileNotFoundError(f"no image files ({', '.join(exts)}) found under {str(self.root)!r}")
-        self.names = names
+        self.names = names if names is not None else find_files(self.root, extensions, "image")
 
     def load(self, i: int) -> Image.Image:
         with Image.open(self.root / self.names[i]) as image:
