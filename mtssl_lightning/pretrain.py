@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from mtssl_lightning.data.batch import DataRequest, ImageBatch, TaskBatch
+from mtssl_lightning.data.batch import ClipBatch, DataRequest, ImageBatch, TaskBatch
 from mtssl_lightning.tasks.base import Task
 from mtssl_lightning.trunks import ResNetV2, Trunk
 
@@ -82,17 +82,17 @@ class MultiTaskSSL(pl.LightningModule):
         """What each task needs from the DataModule (read by ``MultiTaskDataModule``)."""
         return {name: task.data_request() for name, task in self.tasks.items()}
 
-    def build_task_batches(self, batch: dict[str, ImageBatch | None]) -> dict[str, TaskBatch | None]:
-        """Let each task turn its uint8 images into inputs and targets, on the batch's device."""
+    def build_task_batches(self, batch: dict[str, ImageBatch | ClipBatch | None]) -> dict[str, TaskBatch | None]:
+        """Let each task turn its uint8 images (or clips) into inputs and targets, on the batch's device."""
         out: dict[str, TaskBatch | None] = {}
         with torch.no_grad():
             for name, task in self.tasks.items():
                 sub = batch.get(name)
-                out[name] = None if sub is None else task.build(sub.images.float().div_(255.0))
+                out[name] = None if sub is None else task.prepare(sub)
         return out
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if isinstance(batch, ImageBatch):  # prediction: one task's loader at a time, in task order
+        if isinstance(batch, (ImageBatch, ClipBatch)):  # prediction: one task's loader at a time, in task order
             batch = {list(self.tasks)[dataloader_idx]: batch}
         if not isinstance(batch, dict):
             return batch

@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Literal
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
-from mtssl_lightning.data.batch import DataRequest, TaskBatch
+from mtssl_lightning.data.batch import ClipBatch, DataRequest, ImageBatch, TaskBatch
 from mtssl_lightning.data.color import lab_gray
 
 InputMode = Literal["rgb", "lab_gray"]
@@ -78,6 +78,16 @@ class Task(nn.Module, abc.ABC):
     @abc.abstractmethod
     def build_head(self, channels: int, stride: int) -> nn.Module:
         """The task's head, reading ``(N, channels, h, w)`` trunk features."""
+
+    def prepare(self, batch: ImageBatch | ClipBatch) -> TaskBatch:
+        """Make the task's batch from what the workers delivered, on the device, without gradient.
+
+        Image tasks: ``uint8`` images to float in [0, 1], then :meth:`build`. Video tasks
+        (``source = "videos"``) override this to read :class:`ClipBatch` clips (and masks).
+        """
+        if not isinstance(batch, ImageBatch):
+            raise TypeError(f"{type(self).__name__} reads images, got {type(batch).__name__}")
+        return self.build(batch.images.float().div_(255.0))
 
     @abc.abstractmethod
     def build(self, images: Tensor) -> TaskBatch:

@@ -38,6 +38,7 @@ from torchmetrics import Metric, MetricCollection
 from mtssl_lightning.data.batch import TaskBatch
 from mtssl_lightning.data.color import lab_to_rgb, rgb_to_lab
 from mtssl_lightning.tasks.base import InputMode, Task
+from mtssl_lightning.tasks.heads import DenseHead
 
 GamutRule = Literal["cell", "centre"]
 
@@ -215,7 +216,7 @@ def soft_encode_sparse(
     # subtracting the nearest distance keeps exp() from underflowing far from the gamut
     weights = torch.exp(-(d2 - d2[:, :1]) / (2.0 * sigma**2))
     weights = weights / weights.sum(1, keepdim=True)
-    to_map = lambda t: t.view(b, h, w, neighbours).permute(0, 3, 1, 2).contiguous()  # noqa: E731
+    to_map = lambda t: t.view(b, h, w, neighbours).permute(0, 3, 1, 2).contiguous()
     return to_map(idx), to_map(weights)
 
 
@@ -374,36 +375,8 @@ class ColorizationBatch(TaskBatch):
         return densify(self.target_bins, self.target_weights, self.num_bins)
 
 
-def _conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
-        nn.BatchNorm2d(out_channels),
-        nn.ReLU(inplace=True),
-    )
-
-
-class ColorizationHead(nn.Module):
-    """Conv head: 3×3 conv+BN+ReLU at the trunk stride, bilinear upsampling to the output
-    resolution, 3×3 conv+BN+ReLU there, 1×1 conv to Q logits.
-
-    ``(N, C, h, w)`` -> ``(N, Q, H/output_stride, W/output_stride)``; the output size is given
-    by ``size`` (from the batch) or else ``h · stride / output_stride``.
-    """
-
-    def __init__(self, channels: int, stride: int, num_bins: int, output_stride: int = 4, hidden: int = 256) -> None:
-        super().__init__()
-        self.scale = stride / output_stride
-        self.reduce = _conv_bn_relu(channels, hidden)
-        self.refine = _conv_bn_relu(hidden, hidden)
-        self.classify = nn.Conv2d(hidden, num_bins, 1)
-
-    def forward(self, features: Tensor, size: tuple[int, int] | None = None) -> Tensor:
-        x = self.reduce(features)
-        if size is None:
-            size = (round(features.shape[-2] * self.scale), round(features.shape[-1] * self.scale))
-        if tuple(x.shape[-2:]) != tuple(size):
-            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        return self.classify(self.refine(x))
+#: the colorization head is the shared dense head (Q logits at 1/4 of the input)
+ColorizationHead = DenseHead
 
 
 class Colorization(Task):
