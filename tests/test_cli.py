@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from mtssl_lightning.cli import run
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml"))
+PAPER_CONFIGS = sorted(str(p.relative_to(ROOT / "configs")) for p in (ROOT / "configs" / "pretrain").glob("*.yaml"))
 TOY = """
 seed_everything: 0
 trainer:
@@ -95,8 +97,7 @@ def _short(tmp_path, *configs):
     args = ["fit"]
     for config in configs:
         text = (ROOT / "configs" / config).read_text()
-        for run_dir in ("runs/quickstart", "runs/tiny", "runs/rp", "runs/col"):
-            text = text.replace(run_dir, str(tmp_path))  # checkpoints, W&B and config under tmp_path
+        text = re.sub(r"runs/[A-Za-z0-9_]+", str(tmp_path), text)  # checkpoints, W&B and config under tmp_path
         copy = tmp_path / config.replace("/", "_")
         copy.write_text(text)
         args += ["--config", str(copy)]
@@ -109,13 +110,16 @@ def _short(tmp_path, *configs):
 
 
 @pytest.mark.slow
-def test_quickstart_config_trains_both_tasks_and_leaves_a_usable_checkpoint(tmp_path, monkeypatch):
+def test_quickstart_config_trains_the_four_tasks_and_leaves_a_usable_checkpoint(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     cli = _short(tmp_path, "quickstart.yaml")
-    assert set(cli.model.tasks) == {"rp", "col"}
-    for key in ("train/rp/loss_epoch", "train/col/loss_epoch", "val/rp/accuracy", "val/col/ab_auc"):
+    assert set(cli.model.tasks) == {"rp", "col", "ex", "ms"}
+    for key in (
+        "train/rp/loss_epoch", "train/col/loss_epoch", "train/ex/loss_epoch", "train/ms/loss_epoch",
+        "val/rp/accuracy", "val/col/ab_auc", "val/ex/retrieval_acc", "val/ms/iou", "val/ms/f_measure",
+    ):
         assert key in cli.trainer.callback_metrics, key
     assert os.environ["WANDB_MODE"] == "offline"  # no W&B set-up -> offline by default
     runs = list(tmp_path.glob("wandb/offline-run-*"))
@@ -129,7 +133,7 @@ def test_quickstart_config_trains_both_tasks_and_leaves_a_usable_checkpoint(tmp_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("experiment", ["pretrain/rp.yaml", "pretrain/col.yaml"])
+@pytest.mark.parametrize("experiment", PAPER_CONFIGS)
 def test_paper_configs_run_on_the_cpu_with_the_tiny_overlay(tmp_path, experiment, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     cli = _short(tmp_path, experiment, "tiny.yaml")

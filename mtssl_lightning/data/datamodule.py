@@ -3,26 +3,53 @@
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import CombinedLoader
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
-from mtssl_lightning.data.batch import DataRequest, ImageBatch
+from mtssl_lightning.data.batch import ClipBatch, DataRequest, ImageBatch
 from mtssl_lightning.data.datasets import CropDataset
 from mtssl_lightning.data.sources import ImageFolder, ImageSource, SampleImages
+from mtssl_lightning.data.video import (
+    VIDEO_EXTENSIONS,
+    ClipDataset,
+    FrameFolder,
+    SampleVideos,
+    VideoFolder,
+    VideoSource,
+)
 
 log = logging.getLogger(__name__)
+
+
+def open_video_source(root: str, frame_range: tuple[float, float] = (0.0, 1.0)) -> VideoSource:
+    """A :class:`VideoFolder` if ``root`` holds video files (recursively), else a :class:`FrameFolder`."""
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"video folder {root!r} does not exist or is not a folder; set `data.video_root` to a folder of "
+            "video files or of frame folders"
+        )
+    for _, _, files in os.walk(path, followlinks=True):
+        if any(f.lower().endswith(VIDEO_EXTENSIONS) for f in files):
+            return VideoFolder(path, frame_range=frame_range)
+    return FrameFolder(path, frame_range=frame_range)
 
 
 class MultiTaskDataModule(pl.LightningDataModule):
     """Feeds every task of a :class:`~mtssl_lightning.MultiTaskSSL` its own sub-batch.
 
-    Each training batch is ``{task_name: ImageBatch}``: ``uint8 (B_task, 3, S_task, S_task)``
-    crops made by CPU workers; the tasks then build their inputs on the device (in
-    ``MultiTaskSSL.on_after_batch_transfer``). What each task needs (source, batch size, crop
-    size) comes from the model's tasks (``requests``), so it is configured once, on the task.
+    Each training batch is ``{task_name: ImageBatch | ClipBatch}``: image tasks get ``uint8
+    (B_task, 3, S_task, S_task)`` crops, video tasks ``uint8 (B_task, T, 3, S_task, S_task)``
+    clips (and precomputed masks when the source has them), made by CPU workers; the tasks then
+    build their inputs on the device (in ``MultiTaskSSL.on_after_batch_transfer``). What each
+    task needs (source, batch size, crop size, clip length) comes from the model's tasks
+    (``requests``), so it is configured once, on the task.
 
     Args:
         image_root: folder of images (recursive, any layout, ImageNet's included); ``None``
@@ -30,10 +57,18 @@ class MultiTaskDataModule(pl.LightningDataModule):
         val_root: separate validation folder; ``None`` splits ``val_fraction`` of
             ``image_root`` off deterministically (the sample photos have a fixed split).
         val_fraction: share of ``image_root`` held out when ``val_root`` is not given.
+        video_root: folder of videos (files PyAV can decode: .mp4 .avi .mov .mkv .webm .m4v) or
+            of frame folders (optionally with precomputed masks, see
+            :class:`~mtssl_lightning.data.video.FrameFolder`), for video tasks; ``None`` uses the
+            sample street-scene clip when ``image_root`` is also ``None``.
+        video_val_root: separate validation videos; ``None`` holds out the last
+            ``video_val_fraction`` of every video's frames (a split in time).
+        video_val_fraction: share of each video's frames held out when ``video_val_root`` is not given.
         steps_per_epoch: training batches per epoch (every task gets that many); ``None`` =
             one pass over the training images at the largest task batch size.
-        val_samples: validation crops per task (fixed crops of the validation images, the same
-            every epoch); ``None`` = one per validation image.
+        val_samples: validation crops (or clips) per task (fixed crops of the validation images,
+            the same every epoch); ``None`` = one per validation image, and 8 clips per
+            validation video.
         min_scale: smallest random-crop area as a fraction of the image.
         num_workers: DataLoader worker processes per task loader.
         pin_memory: pin host memory; ``None`` = only when CUDA is available.
@@ -46,6 +81,9 @@ class MultiTaskDataModule(pl.LightningDataModule):
         image_root: str | None = None,
         val_root: str | None = None,
         val_fraction: float = 0.02,
+        video_root: str | None = None,
+        video_val_root: str | None = None,
+        video_val_fraction: float = 0.2,
         steps_per_epoch: int | None = None,
         val_samples: int | None = None,
         min_scale: float = 0.2,
@@ -59,12 +97,17 @@ class MultiTaskDataModule(pl.LightningDataModule):
             raise ValueError(f"`num_workers` must be >= 0, got {num_workers}")
         if steps_per_epoch is not None and steps_per_epoch < 1:
             raise ValueError(f"`steps_per_epoch` must be >= 1, got {steps_per_epoch}")
+        if not 0.0 < video_val_fraction < 1.0:
+            raise ValueError(f"`video_val_fraction` must be in (0, 1), got {video_val_fraction}")
         self.image_root, self.val_root, self.val_fraction = image_root, val_root, val_fraction
+        self.video_root, self.video_val_root, self.video_val_fraction = video_root, video_val_root, video_val_fraction
         self.steps_per_epoch, self.val_samples = steps_per_epoch, val_samples
         self.min_scale, self.num_workers, self.pin_memory, self.seed = min_scale, num_workers, pin_memory, seed
         self._requests = requests
         self.train_images: ImageSource | None = None
         self.val_images: ImageSource | None = None
+        self.train_videos: VideoSource | None = None
+        self.val_videos: VideoSource | None = None
 
     # ------------------------------------------------------------------ set-up
     @property
@@ -81,24 +124,71 @@ class MultiTaskDataModule(pl.LightningDataModule):
         return model.data_requests()
 
     def setup(self, stage: str | None = None) -> None:
-        if self.train_images is not None:
+        """Open the sources the tasks need (images and/or videos); unusable videos are reported here."""
+        if self.train_images is not None or self.train_videos is not None:
             return
+        requests = self.requests
+        if any(r.source == "images" for r in requests.values()):
+            self._setup_images()
+        video_tasks = [name for name, request in requests.items() if request.source == "videos"]
+        if video_tasks:
+            self._setup_videos(video_tasks)
+
+    def _setup_images(self) -> None:
         if self.image_root is None:
             self.train_images, self.val_images = SampleImages("train"), SampleImages("val")
         elif self.val_root is not None:
             self.train_images, self.val_images = ImageFolder(self.image_root), ImageFolder(self.val_root)
         else:
             self.train_images, self.val_images = ImageFolder(self.image_root).split(self.val_fraction)
-        for name, request in self.requests.items():
-            if request.source != "images":
-                raise ValueError(
-                    f"task {name!r} needs a {request.source!r} source, which this DataModule does not "
-                    "have yet; remove the task or configure a video source"
-                )
         log.info("training on %s; validating on %s", self.train_images.describe(), self.val_images.describe())
 
+    def _setup_videos(self, video_tasks: list[str]) -> None:
+        if self.video_root is None:
+            if self.image_root is not None:
+                raise ValueError(
+                    f"task(s) {video_tasks} need videos, but `data.video_root` is not set: point it to a folder "
+                    "of videos or of frame folders (only the sample data pairs photos with the sample video)"
+                )
+            self.train_videos, self.val_videos = SampleVideos("train"), SampleVideos("val")
+        elif self.video_val_root is not None:
+            self.train_videos, self.val_videos = open_video_source(self.video_root), open_video_source(self.video_val_root)
+        else:
+            split = 1.0 - self.video_val_fraction
+            self.train_videos = open_video_source(self.video_root, (0.0, split))
+            self.val_videos = open_video_source(self.video_root, (split, 1.0))
+        log.info("video tasks %s train on %s; validate on %s", video_tasks, self.train_videos.describe(), self.val_videos.describe())
+
     # ------------------------------------------------------------ dataloaders
-    def _loader(self, dataset: CropDataset, batch_size: int, train: bool) -> DataLoader:
+    def _dataset(self, request: DataRequest, length: int | None, train: bool) -> Dataset:
+        """Crops of the images, or clips of the videos, for one task.
+
+        A validation set whose last batch would hold a single sample loses that sample: a batch
+        of one has no negatives for the exemplar loss (training batches are always full).
+        """
+        if not train:
+            sources = self.val_videos if request.source == "videos" else self.val_images
+            n = length if length is not None else (8 * len(sources or []) if request.source == "videos" else len(sources or []))
+            length = n - 1 if n > 1 and n % request.batch_size == 1 else n
+        if request.source == "videos":
+            videos = self.train_videos if train else self.val_videos
+            assert videos is not None, "call setup() first"
+            return ClipDataset(
+                videos,
+                request.image_size,
+                request.clip_length,
+                request.frame_stride,
+                length if length is not None else 8 * len(videos),
+                train,
+                self.min_scale,
+                self.seed,
+            )
+        images = self.train_images if train else self.val_images
+        assert images is not None, "call setup() first"
+        return CropDataset(images, request.image_size, length if length is not None else len(images), train, self.min_scale, self.seed)
+
+    def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
+        collate: Callable = ClipBatch.collate if isinstance(dataset, ClipDataset) else ImageBatch.collate
         return DataLoader(
             dataset,
             batch_size=batch_size,
@@ -107,33 +197,24 @@ class MultiTaskDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available() if self.pin_memory is None else self.pin_memory,
-            collate_fn=ImageBatch.collate,
+            collate_fn=collate,
         )
 
     def train_dataloader(self) -> CombinedLoader:
-        assert self.train_images is not None, "call setup() first"
         requests = self.requests
-        steps = self.steps_per_epoch or max(1, len(self.train_images) // max(r.batch_size for r in requests.values()))
+        # default epoch: one pass over the training images (or 8 clips per training video)
+        items = len(self.train_images) if self.train_images is not None else 8 * len(self.train_videos or [])
+        steps = self.steps_per_epoch or max(1, items // max(r.batch_size for r in requests.values()))
         loaders = {
-            name: self._loader(
-                CropDataset(self.train_images, r.image_size, steps * r.batch_size, True, self.min_scale, self.seed),
-                r.batch_size,
-                train=True,
-            )
+            name: self._loader(self._dataset(r, steps * r.batch_size, train=True), r.batch_size, train=True)
             for name, r in requests.items()
         }
         # all loaders have exactly `steps` batches, so "max_size_cycle" never cycles
         return CombinedLoader(loaders, mode="max_size_cycle")
 
     def val_dataloader(self) -> CombinedLoader:
-        assert self.val_images is not None, "call setup() first"
-        length = self.val_samples or len(self.val_images)
         loaders = {
-            name: self._loader(
-                CropDataset(self.val_images, r.image_size, length, False, self.min_scale, self.seed),
-                r.batch_size,
-                train=False,
-            )
+            name: self._loader(self._dataset(r, self.val_samples, train=False), r.batch_size, train=False)
             for name, r in self.requests.items()
         }
         # tasks with larger batches run out first: "max_size" gives them None afterwards

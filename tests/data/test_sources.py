@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mtssl_lightning.data import DataRequest, ImageBatch, ImageFolder, MultiTaskDataModule, SampleImages
+from mtssl_lightning.data import ClipBatch, DataRequest, ImageBatch, ImageFolder, MultiTaskDataModule, SampleImages
 from mtssl_lightning.data.datasets import CropDataset, random_resized_box
 from mtssl_lightning.data.sample import SAMPLE_NAMES, SAMPLE_VAL_NAMES, sample_images
 
@@ -106,7 +106,32 @@ def test_datamodule_gives_one_named_sub_batch_per_task():
     assert len(val) == 2 and val[1]["a"] is None and val[1]["b"].images.shape[0] == 2
 
 
-def test_datamodule_rejects_video_tasks_until_a_video_source_exists():
-    dm = MultiTaskDataModule(num_workers=0, requests={"ms": DataRequest(source="videos")})
-    with pytest.raises(ValueError, match="needs a 'videos' source"):
+def test_datamodule_video_task_needs_a_video_root_beside_an_image_root(tmp_path):
+    Image.new("RGB", (64, 64)).save(tmp_path / "a.png")
+    Image.new("RGB", (64, 64)).save(tmp_path / "b.png")
+    dm = MultiTaskDataModule(image_root=str(tmp_path), num_workers=0, requests={"ms": DataRequest(source="videos")})
+    with pytest.raises(ValueError, match="video_root"):
         dm.setup("fit")
+    dm = MultiTaskDataModule(video_root=str(tmp_path / "nope"), num_workers=0, requests={"ms": DataRequest(source="videos")})
+    with pytest.raises(FileNotFoundError, match="nope"):
+        dm.setup("fit")
+
+
+def test_datamodule_gives_clips_of_the_sample_video_split_in_time():
+    requests = {
+        "img": DataRequest(batch_size=2, image_size=32),
+        "ms": DataRequest(source="videos", batch_size=3, image_size=40, clip_length=5, frame_stride=2),
+    }
+    dm = MultiTaskDataModule(steps_per_epoch=2, num_workers=0, requests=requests)
+    dm.setup("fit")
+    train = list(dm.train_dataloader())
+    assert len(train) == 2
+    clips = train[0][0]["ms"]
+    assert isinstance(clips, ClipBatch) and clips.clips.shape == (3, 5, 3, 40, 40) and clips.clips.dtype == torch.uint8
+    assert clips.masks is None and isinstance(train[0][0]["img"], ImageBatch)
+    # the sample clip has 250 frames: training clips lie in the first 200, validation clips in the last 50
+    assert int((clips.start + 8).max()) < 200
+    val = [b["ms"] for b, *_ in dm.val_dataloader() if b["ms"] is not None]
+    assert sum(len(v) for v in val) == 8  # 8 fixed clips per validation video by default
+    again = [b["ms"] for b, *_ in dm.val_dataloader() if b["ms"] is not None]
+    assert all(torch.equal(a.clips, b.clips) for a, b in zip(val, again))  # the same every epoch

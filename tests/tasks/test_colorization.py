@@ -354,19 +354,20 @@ def _random_crops(images: list[torch.Tensor], n: int, size: int, g: torch.Genera
 
 @pytest.mark.slow
 def test_colorization_learns_on_held_out_regions() -> None:
-    """A tiny trunk + head, trained with Adam on crops of the left 70 % of the "train" photos,
-    beats the prior baseline by ≥ 10 % (rebalanced loss) on crops of the right 30 %.
+    """A tiny trunk + head, trained with Adam for 800 steps on crops of the left 70 % of the
+    "train" photos, beats the prior baseline (rebalanced loss) by >= 10 % on crops of the right
+    30 % and is below it on the held-out "val" photos (coffee, china).
 
-    The "val" photos (coffee, china) are printed but not asserted: their colours are not
-    predictable from 9 training photos — even the L-conditional bin histogram of the training
-    pixels is worse there (CE 4.15) than the unconditional prior (4.08), so no model relying
-    on lightness statistics can beat the prior baseline on them.
+    Measured (800 steps, ~22 s on one thread): 0.74x the prior baseline on the held-out regions,
+    0.93x on the val photos. With the nine still photos only (before the sample video frames
+    were added, 300 steps) the val photos gave 0.97x: their colours are barely predictable from
+    so few training photos.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         torch.manual_seed(0)
-        to_float = lambda im: torch.from_numpy(im.copy()).permute(2, 0, 1).float() / 255  # noqa: E731
+        to_float = lambda im: torch.from_numpy(im.copy()).permute(2, 0, 1).float() / 255
         photos = [to_float(im) for im in sample_images("train").values()]
         train = [im[:, :, : int(0.7 * im.shape[2])] for im in photos]
         held_out = [im[:, :, int(0.7 * im.shape[2]) :] for im in photos]
@@ -379,7 +380,7 @@ def test_colorization_learns_on_held_out_regions() -> None:
         g = torch.Generator().manual_seed(1)
         start = time.perf_counter()
         trunk.train(), task.train()
-        for _ in range(300):
+        for _ in range(800):
             batch = task.build(_random_crops(train, 16, 64, g))
             loss = task.loss(task(trunk(batch.inputs).features, batch), batch)
             opt.zero_grad()
@@ -401,3 +402,5 @@ def test_colorization_learns_on_held_out_regions() -> None:
     print(f"train + eval {seconds:.1f} s on 1 thread")
     model, baseline = results["held_out"]
     assert model <= 0.9 * baseline
+    model, baseline = results["val"]
+    assert model < 0.97 * baseline

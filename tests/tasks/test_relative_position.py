@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from photos import photo_tensors
 from torchvision.ops import roi_align
 
 from mtssl_lightning.data.color import lab_gray
@@ -303,20 +304,6 @@ def test_forward_loss_and_gradients_reach_the_trunk(pool: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _photo_tensors(split: str, short_side: int) -> list[torch.Tensor]:
-    """The sample photos of ``split`` as ``(1, 3, h, w)`` float, resized once (antialiased) so
-    that the short side is ``short_side`` (same content scale for all photos, cheap crops)."""
-    from mtssl_lightning.data.sample import sample_images
-
-    photos = []
-    for array in sample_images(split).values():
-        photo = torch.from_numpy(np.array(array)).permute(2, 0, 1)[None].float() / 255.0
-        scale = short_side / min(photo.shape[-2:])
-        size = (round(photo.shape[-2] * scale), round(photo.shape[-1] * scale))
-        photos.append(F.interpolate(photo, size=size, mode="bilinear", antialias=True, align_corners=False))
-    return photos
-
-
 def _random_crops(photos: list[torch.Tensor], per_photo: int, size: int, generator: torch.Generator) -> torch.Tensor:
     """``(len(photos) * per_photo, 3, size, size)`` random square crops (30–80 % of the short
     side) resized with area-like averaging, half of them mirrored left-right (a mirrored photo is
@@ -355,13 +342,13 @@ def _pair_accuracy(
 def test_learns_relative_position_on_sample_photos() -> None:
     """Train a tiny trunk + head from scratch for 800 steps on one core, then check pair accuracy.
 
-    A fixed step count (not a time budget) keeps the test deterministic. Measured (patch 24, gap 6, jitter 2, 96 px images, grey input): after
-    ~800 steps, fresh grids on the *training* photos reach ~0.38 and the held-out *val* photos
-    ~0.17–0.20 (chance 0.125). Longer training (200 s) raises the training-photo accuracy to
-    ~0.6 while val stays at ~0.18–0.20: with nine training photos the net memorises photo
-    content rather than learning transferable cues, so the often-quoted ">= 0.3 on val" is not
-    reachable at this scale. The val threshold below is 0.15: with 2048 pairs, chance level
-    (0.125, binomial std ~0.007) lies 3.4 std below it, so a label/geometry bug fails the test.
+    A fixed step count (not a time budget) keeps the test deterministic. Measured (patch 24, gap
+    6, jitter 2, 96 px crops, grey input, 2 crops of each of the 19 training photos per step):
+    after 800 steps (~57 s) fresh grids reach 0.30 on the training photos and **0.27 on the
+    held-out val photos** (chance 0.125). With only the nine still photos (before the ten sample
+    video frames were added) the net memorised photo content: 0.42 on training photos but
+    ~0.18 on val. The val threshold is 0.20: with 2048 pairs chance (binomial std ~0.007) lies
+    10 std below it, so a label/geometry bug fails the test.
     """
     from mtssl_lightning.trunks import ResNetV2
 
@@ -370,7 +357,7 @@ def test_learns_relative_position_on_sample_photos() -> None:
     try:
         torch.manual_seed(0)
         gen = torch.Generator().manual_seed(0)
-        train_photos, val_photos = _photo_tensors("train", 200), _photo_tensors("val", 200)
+        train_photos, val_photos = photo_tensors("train", 200), photo_tensors("val", 200)
         kwargs = dict(
             image_size=96, patch_size=24, gap=6, jitter=2, pairs="all", colour="gray", hidden=128, dropout=0.0,
             pool="flatten",
@@ -382,7 +369,7 @@ def test_learns_relative_position_on_sample_photos() -> None:
         start, steps, losses = time.perf_counter(), 0, []
         trunk.train(), task.train()
         while steps < 800:
-            batch = task.build(_random_crops(train_photos, 4, 96, gen))
+            batch = task.build(_random_crops(train_photos, 2, 96, gen))
             loss = task.loss(task(trunk(batch.inputs).features, batch), batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -402,8 +389,8 @@ def test_learns_relative_position_on_sample_photos() -> None:
             f"train photos {train_accuracy:.3f}, val photos {val_accuracy:.3f} ({pairs} pairs; chance 0.125)"
         )
         assert np.mean(losses[-20:]) < 1.85  # ln 8 = 2.08 at chance
-        assert train_accuracy >= 0.28
-        assert val_accuracy >= 0.15
+        assert train_accuracy >= 0.22
+        assert val_accuracy >= 0.20
     finally:
         torch.set_num_threads(threads)
 
