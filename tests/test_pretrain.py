@@ -5,11 +5,11 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
+from toy_tasks import Brightness
 
 from mtssl_lightning import MultiTaskDataModule, MultiTaskSSL, export_trunk, load_trunk
 from mtssl_lightning.data import ImageBatch
 from mtssl_lightning.trunks import ResNetV2
-from toy_tasks import Brightness
 
 
 def _model(**tasks):

@@ -55,7 +55,7 @@ def _tukey(size: int, device: torch.device, taper: float = 0.25) -> Tensor:
     """
     x = torch.linspace(0.0, 1.0, size, device=device, dtype=torch.float32)
     edge = taper / 2
-    ramp = lambda u: 0.5 * (1 - torch.cos(torch.pi * u / edge))
+    ramp = lambda u: 0.5 * (1 - torch.cos(torch.pi * u / edge))  # rises 0 -> 1 over [0, edge]
     return torch.where(x < edge, ramp(x), torch.where(x > 1 - edge, ramp(1 - x), torch.ones_like(x)))
 
 

@@ -284,13 +284,16 @@ def colour_transform(patches: Tensor, mode: ColourMode, generator: torch.Generat
     if mode != "drop":
         raise ValueError(f"colour must be 'drop', 'gray', 'lab_gray' or 'none', got {mode!r}")
     count = patches.shape[0]
+    rows = torch.arange(count, device=patches.device)
     keep = torch.randint(0, 3, (count,), device=patches.device, generator=generator)
-    keep_mask = F.one_hot(keep, 3).to(torch.bool)[:, :, None, None]  # (N, 3, 1, 1)
-    kept = patches[torch.arange(count, device=patches.device), keep]  # (N, p, p)
+    kept = patches[rows, keep]  # (N, p, p)
     std = kept.flatten(1).std(dim=1, unbiased=False)[:, None, None, None] / 100.0
     fill = torch.tensor(DROP_FILL_RGB, device=patches.device, dtype=patches.dtype)[None, :, None, None]
-    noise = torch.randn(patches.shape, device=patches.device, dtype=patches.dtype, generator=generator)
-    return torch.where(keep_mask, patches, fill + std * noise)
+    # in place on the noise tensor: one full-size allocation instead of three (noise, fill + noise, where)
+    out = torch.randn(patches.shape, device=patches.device, dtype=patches.dtype, generator=generator)
+    out.mul_(std).add_(fill)
+    out[rows, keep] = kept
+    return out
 
 
 def pair_table(grid: int, device: torch.device | str | None = None) -> Tensor:
