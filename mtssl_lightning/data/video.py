@@ -17,6 +17,7 @@ frame shown at time number / average rate".
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -32,6 +33,8 @@ from torch.utils.data import Dataset
 
 from mtssl_lightning.data.datasets import random_resized_box
 from mtssl_lightning.data.sources import find_files, to_rgb
+
+log = logging.getLogger(__name__)
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
 FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -135,6 +138,9 @@ class VideoSource:
             if i not in warned:  # once per video, even when several datasets share the source
                 warned.add(i)
                 warnings.warn(f"skipping video {self.names[i]!r} of {self.describe()}: {reason}", stacklevel=2)
+        if reasons and usable and not self.__dict__.get("_counted"):
+            self.__dict__["_counted"] = True  # the count once per source, like the warnings
+            log.warning("%d of %d videos of %s skipped as unusable; training on %d", len(reasons), len(self), self.describe(), len(usable))
         if not usable:
             shown = "; ".join(f"{self.names[i]!r}: {r}" for i, r in list(reasons.items())[:5])
             more = f" (and {len(reasons) - 5} more)" if len(reasons) > 5 else ""

@@ -359,10 +359,11 @@ def bad_dir(tmp_path):
     return tmp_path
 
 
-def test_bad_videos_are_skipped_with_a_warning_each(bad_dir):
+def test_bad_videos_are_skipped_with_a_warning_each(bad_dir, caplog):
     source = VideoFolder(bad_dir)
-    with pytest.warns(UserWarning) as record:
+    with pytest.warns(UserWarning) as record, caplog.at_level("WARNING", logger="mtssl_lightning.data.video"):
         dataset = ClipDataset(source, size=16, clip_length=5)
+    assert "4 of 6 videos" in caplog.text and "skipped" in caplog.text  # the count, once
     messages = [str(w.message) for w in record]
     for name, reason in [("empty.mp4", "0 bytes"), ("text.mp4", "unreadable"), ("truncated.mp4", "unreadable"), ("short.mp4", "clips need 5 frames, found 1")]:
         assert any(name in m and reason in m for m in messages), (name, messages)
