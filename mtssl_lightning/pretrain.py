@@ -1,15 +1,27 @@
 """``MultiTaskSSL``: the shared trunk plus a dictionary of self-supervised tasks.
 
 One training step: every task receives its own named sub-batch, builds its inputs and targets
-on the device (``on_after_batch_transfer``), the shared trunk embeds them, the task's head and
-loss run, and per-task losses and metrics are logged under ``{stage}/{task}/…``. The step's
-loss is the weighted sum ``Σ_t loss_weight_t · loss_t`` (one optimizer). Single-task training is
-the same module with one task.
+on the device (``on_after_batch_transfer``), the shared trunk embeds them, the task reads the
+block-3 output ("naive") or its own lasso mix of block 3's units, its head and loss run, and
+per-task losses and metrics are logged under ``{stage}/{task}/…``. Two ways to combine tasks:
+
+* ``combine: sum`` — the step's loss is ``Σ_t loss_weight_t · loss_t`` (+ the lasso penalty),
+  one optimizer;
+* ``combine: alternate`` — the paper's scheme: one optimizer per task over the trunk, that
+  task's head and lasso weights, stepped in turn within every training step (manual
+  optimization), each with its own LR schedule and gradient clipping; tasks need no loss
+  weights. ``task_ratios`` runs a task on only a share of the steps.
+
+Under :class:`~mtssl_lightning.distributed.TaskParallelStrategy` each rank trains only its
+tasks (``active_tasks``) and the strategy averages gradients (trunk over all ranks, a head over
+its task's ranks) after every backward pass. Single-task training is the same module with one task.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+import math
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -19,8 +31,13 @@ from torch import Tensor, nn
 from mtssl_lightning.data.batch import ClipBatch, DataRequest, ImageBatch, TaskBatch
 from mtssl_lightning.tasks.base import Task
 from mtssl_lightning.trunks import ResNetV2, Trunk
+from mtssl_lightning.trunks.lasso import LassoInit, UnitMixer
+
+log = logging.getLogger(__name__)
 
 STAGES = ("train", "val")
+Mixing = Literal["naive", "lasso"]
+Combine = Literal["sum", "alternate"]
 
 
 class MultiTaskSSL(pl.LightningModule):
@@ -30,13 +47,28 @@ class MultiTaskSSL(pl.LightningModule):
         tasks: ``{name: task}``; names become log prefixes (``train/<name>/loss``) and must be
             Python identifiers. Each task's head is created here for the trunk's output.
         trunk: the shared trunk (default: ResNet-v2-101 cut after block 3, as in the paper).
-        optimizer: builds the optimizer from the parameters (default: RMSProp, lr 1e-3,
-            the paper's optimizer family; the paper's exact settings are not published).
-        lr_scheduler: optional; stepped every training step.
+        optimizer: builds an optimizer from parameters (default: RMSProp, lr 1e-3, the paper's
+            optimizer family; the paper's exact settings are not published). With
+            ``combine: alternate`` it is called once per task.
+        lr_scheduler: optional; stepped every training step (per optimizer).
         val_seed: seed of the task-side randomness in validation (patch positions, …), so
             validation inputs are identical every epoch.
         pixel_scale: multiplies every task's pixel sizes (crop size, patch size, gap, …) before
             the heads are built; ``configs/tiny.yaml`` uses 0.25 to shrink any experiment.
+        mixing: ``"naive"`` (every head reads the block-3 output) or ``"lasso"`` (each task
+            reads ``BN+ReLU(Σ_u α[task, u] · unit_u)`` over block 3's units, see
+            :mod:`mtssl_lightning.trunks.lasso`).
+        lasso_penalty: λ of the L1 penalty ``λ Σ_u |α[task, u]|`` added to each task's loss.
+        lasso_init: ``"last"`` (α one-hot on the last unit) or ``"uniform"``.
+        combine: ``"sum"`` (weighted sum of task losses, one optimizer) or ``"alternate"``
+            (one optimizer per task, stepped in turn; the paper's scheme).
+        task_ratios: ``{task: r}`` with r in (0, 1]: in alternate mode a task runs on a share r
+            of the steps (deterministically: at step s when ``⌊(s+1)·r⌋ > ⌊s·r⌋``); others every step.
+        gradient_clip_val: alternate mode: clip each task's gradient norm to this before its
+            optimizer steps (in sum mode use the Trainer's ``gradient_clip_val``).
+        channels_last: on CUDA, run the trunk in channels-last memory format (ignored on CPU).
+        compile: on CUDA, ``torch.compile`` the trunk in place (``nn.Module.compile``, keeps
+            the checkpoint keys; ignored on CPU, where compilation costs more than it saves).
     """
 
     def __init__(
@@ -47,6 +79,14 @@ class MultiTaskSSL(pl.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         val_seed: int = 1234,
         pixel_scale: float = 1.0,
+        mixing: Mixing = "naive",
+        lasso_penalty: float = 1e-3,
+        lasso_init: LassoInit = "last",
+        combine: Combine = "sum",
+        task_ratios: dict[str, float] | None = None,
+        gradient_clip_val: float | None = None,
+        channels_last: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if not tasks:
@@ -57,6 +97,28 @@ class MultiTaskSSL(pl.LightningModule):
         for name in tasks:
             if not name.isidentifier():
                 raise ValueError(f"task name {name!r} must be a Python identifier (letters, digits, _)")
+        if mixing not in ("naive", "lasso"):
+            raise ValueError(f"`mixing` must be 'naive' or 'lasso', got {mixing!r}")
+        if combine not in ("sum", "alternate"):
+            raise ValueError(f"`combine` must be 'sum' or 'alternate', got {combine!r}")
+        if lasso_penalty < 0:
+            raise ValueError(f"`lasso_penalty` must be >= 0, got {lasso_penalty}")
+        task_ratios = dict(task_ratios or {})
+        unknown = sorted(set(task_ratios) - set(tasks))
+        if unknown:
+            raise ValueError(f"`task_ratios` names unknown task(s) {unknown}; the tasks are {sorted(tasks)}")
+        if task_ratios and combine != "alternate":
+            raise ValueError("`task_ratios` needs `combine: alternate` (in sum mode use each task's `loss_weight`)")
+        bad = {k: v for k, v in task_ratios.items() if not 0.0 < v <= 1.0}
+        if bad:
+            raise ValueError(f"`task_ratios` must be in (0, 1], got {bad}")
+        if task_ratios and all(task_ratios.get(name, 1.0) < 1.0 for name in tasks):
+            raise ValueError(
+                "`task_ratios`: at least one task must run every step (ratio 1, or not listed), so that "
+                "every training batch counts as one step"
+            )
+        if gradient_clip_val is not None and gradient_clip_val <= 0:
+            raise ValueError(f"`gradient_clip_val` must be positive or null, got {gradient_clip_val}")
         self.trunk = trunk if trunk is not None else ResNetV2()
         if pixel_scale <= 0:
             raise ValueError(f"`pixel_scale` must be positive, got {pixel_scale}")
@@ -65,6 +127,12 @@ class MultiTaskSSL(pl.LightningModule):
             if pixel_scale != 1.0:
                 task.rescale(pixel_scale)
             task.attach(self.trunk.out_channels, self.trunk.out_stride)
+        self.mixing, self.lasso_penalty = mixing, lasso_penalty
+        self.mixers = nn.ModuleDict(
+            {name: UnitMixer(self.trunk.num_units, self.trunk.out_channels, lasso_init) for name in tasks}
+            if mixing == "lasso"
+            else {}
+        )
         self.metrics = nn.ModuleDict(
             {
                 f"{stage}_{name}": task.make_metrics().clone(prefix=f"{stage}/{name}/")
@@ -75,12 +143,26 @@ class MultiTaskSSL(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         self.val_seed = val_seed
+        self.combine, self.task_ratios, self.gradient_clip_val = combine, task_ratios, gradient_clip_val
+        self.channels_last, self.compile_trunk = channels_last, compile
+        self.automatic_optimization = combine == "sum"
         self._val_batches_seen = 0
+        self._train_steps = 0  # training batches done (saved in checkpoints; drives task_ratios)
 
     # ------------------------------------------------------------------- data
-    def data_requests(self) -> dict[str, DataRequest]:
-        """What each task needs from the DataModule (read by ``MultiTaskDataModule``)."""
-        return {name: task.data_request() for name, task in self.tasks.items()}
+    def active_tasks(self) -> list[str]:
+        """The tasks this process trains: all, or under a task-parallel strategy this rank's."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        tasks_of_rank = getattr(strategy, "tasks_of_rank", None)
+        if tasks_of_rank is None:
+            return list(self.tasks)
+        return [name for name in self.tasks if name in tasks_of_rank(self.global_rank)]
+
+    def data_requests(self, training: bool = False) -> dict[str, DataRequest]:
+        """What each task needs from the DataModule (read by ``MultiTaskDataModule``); for
+        training only this rank's :meth:`active_tasks` (validation always covers every task)."""
+        names = self.active_tasks() if training else list(self.tasks)
+        return {name: self.tasks[name].data_request() for name in names}
 
     def build_task_batches(self, batch: dict[str, ImageBatch | ClipBatch | None]) -> dict[str, TaskBatch | None]:
         """Let each task turn its uint8 images (or clips) into inputs and targets, on the batch's device."""
@@ -109,33 +191,141 @@ class MultiTaskSSL(pl.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._val_batches_seen = 0
 
+    # ------------------------------------------------------------------- speed
+    def on_fit_start(self) -> None:
+        if self.device.type != "cuda":
+            if self.channels_last or self.compile_trunk:
+                log.info("channels_last / compile are CUDA options; running the trunk as is on %s", self.device)
+            return
+        if self.channels_last:
+            self.trunk.to(memory_format=torch.channels_last)
+        if self.compile_trunk:
+            self.trunk.compile()  # in place: parameter names (and checkpoints) unchanged
+
     # ------------------------------------------------------------------- steps
     def task_forward(self, name: str, batch: TaskBatch) -> Tensor:
-        """Trunk + head of task ``name`` on its batch; returns the task's predictions."""
-        features = self.trunk(batch.inputs).features
+        """Trunk + (lasso mix) + head of task ``name`` on its batch; returns the task's predictions."""
+        inputs = batch.inputs
+        if self.channels_last and inputs.is_cuda:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        output = self.trunk(inputs)
+        features = self.mixers[name](output.units) if self.mixing == "lasso" else output.features
         return self.tasks[name](features, batch)
 
-    def _shared_step(self, batch: dict[str, TaskBatch | None], stage: str) -> Tensor:
+    def _task_loss(self, name: str, sub: TaskBatch, stage: str) -> Tensor:
+        """Forward, loss, logs and metric update of one task; returns its (unweighted) loss."""
+        task = self.tasks[name]
+        prediction = self.task_forward(name, sub)
+        loss = task.loss(prediction, sub)
+        size = sub.inputs.shape[0]
+        self.log(f"{stage}/{name}/loss", loss, batch_size=size, prog_bar=True, on_step=stage == "train", on_epoch=True)
+        metrics = self.metrics[f"{stage}_{name}"]
+        metrics.update(*task.metric_inputs(prediction.detach(), sub))
+        self.log_dict(metrics, batch_size=size, on_step=False, on_epoch=True)
+        return loss
+
+    def _penalty(self, names: list[str]) -> Tensor | None:
+        """``λ Σ_t Σ_u |α[t, u]|`` over the tasks ``names`` (lasso mode), else ``None``."""
+        if self.mixing != "lasso" or self.lasso_penalty == 0:
+            return None
+        return self.lasso_penalty * sum(self.mixers[name].penalty() for name in names)
+
+    def _log_alpha(self) -> None:
+        for name, mixer in self.mixers.items():
+            self.log_dict({f"lasso/{name}/alpha_{u:02d}": a for u, a in enumerate(mixer.alpha.detach())}, on_step=True, on_epoch=False)
+
+    def _shared_step(self, batch: dict[str, TaskBatch | None], stage: str, names: list[str] | None = None) -> Tensor:
         total: Tensor | None = None
-        for name, task in self.tasks.items():
+        for name in self.tasks:
+            if names is not None and name not in names:
+                self._log_untrained_metrics(name)
+                continue
             sub = batch.get(name)
             if sub is None:  # this task's validation loader is exhausted
                 continue
-            prediction = self.task_forward(name, sub)
-            loss = task.loss(prediction, sub)
-            size = sub.inputs.shape[0]
-            self.log(f"{stage}/{name}/loss", loss, batch_size=size, prog_bar=True, on_step=stage == "train", on_epoch=True)
-            metrics = self.metrics[f"{stage}_{name}"]
-            metrics.update(*task.metric_inputs(prediction.detach(), sub))
-            self.log_dict(metrics, batch_size=size, on_step=False, on_epoch=True)
-            weighted = task.loss_weight * loss
+            weighted = self.tasks[name].loss_weight * self._task_loss(name, sub, stage)
             total = weighted if total is None else total + weighted
         assert total is not None, "a batch with no task sub-batch"
         self.log(f"{stage}/loss", total, batch_size=1, on_step=stage == "train", on_epoch=True)
         return total
 
-    def training_step(self, batch: dict[str, TaskBatch | None], batch_idx: int) -> Tensor:
-        return self._shared_step(batch, "train")
+    def _log_untrained_metrics(self, name: str) -> None:
+        """Log task ``name``'s training metrics without updating them (a rank that does not train it).
+
+        Metrics are synchronised across ranks when they are computed at the end of an epoch, in
+        the order they were first logged: every rank must log every task's metrics, in task order.
+        """
+        self.log_dict(self.metrics[f"train_{name}"], on_step=False, on_epoch=True, batch_size=1)
+
+    def runs_at(self, name: str, step: int) -> bool:
+        """Whether task ``name`` runs at training step ``step`` (``task_ratios``, alternate mode)."""
+        ratio = self.task_ratios.get(name, 1.0)
+        return math.floor((step + 1) * ratio) > math.floor(step * ratio)
+
+    def training_step(self, batch: dict[str, TaskBatch | None], batch_idx: int) -> Tensor | None:
+        names = self.active_tasks()
+        if self.mixing == "lasso":
+            self._log_alpha()
+        if self.combine == "sum":
+            loss = self._shared_step(batch, "train", names)
+            penalty = self._penalty(names)
+            self._train_steps += 1
+            return loss if penalty is None else loss + penalty
+        return self._alternate_step(batch, names)
+
+    def _alternate_step(self, batch: dict[str, TaskBatch | None], names: list[str]) -> None:
+        """One optimizer step per task, in turn: zero grad, the task's loss (+ its lasso
+        penalty), backward, gradient sync (task-parallel), clipping, step, its scheduler."""
+        optimizers = self.optimizers()
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        schedulers = self.lr_schedulers()
+        schedulers = [] if schedulers is None else schedulers if isinstance(schedulers, list) else [schedulers]
+        order = list(self.tasks)
+        # under a task-parallel strategy every rank walks through every task (the gradient
+        # reduction is collective); a rank that does not run a task contributes no gradient
+        walk = order if self._task_parallel() else names
+        running = [n for n in walk if self.runs_at(n, self._train_steps)]
+        for name in running:
+            index = order.index(name)
+            optimizer = optimizers[index]
+            optimizer.zero_grad(set_to_none=True)
+            if name in names and batch.get(name) is not None:
+                loss = self._task_loss(name, batch[name], "train")
+                penalty = self._penalty([name])
+                self.manual_backward(loss if penalty is None else loss + penalty)
+            else:
+                self._log_untrained_metrics(name)
+            self.sync_task_gradients(name)
+            if self.gradient_clip_val is not None:
+                self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
+            if name == running[-1]:
+                optimizer.step()  # the LightningOptimizer: counts one trainer.global_step per batch
+            else:
+                # the same precision-aware step without advancing global_step, so that max_steps,
+                # checkpoint intervals and loggers count batches, not task updates
+                self.trainer.strategy.optimizer_step(optimizer.optimizer, closure=lambda: None)
+            if schedulers:
+                schedulers[index].step()
+        self._train_steps += 1
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        sync = getattr(self._trainer.strategy if self._trainer is not None else None, "sync_buffers", None)
+        if sync is not None:
+            sync(self)
+
+    def on_after_backward(self) -> None:
+        if self.automatic_optimization:
+            self.sync_task_gradients(None)
+
+    def _task_parallel(self) -> bool:
+        return hasattr(self._trainer.strategy if self._trainer is not None else None, "reduce_task_gradients")
+
+    def sync_task_gradients(self, task: str | None) -> None:
+        """Let a task-parallel strategy average the gradients of the last backward pass
+        (``task`` = the task of that pass in alternate mode, ``None`` = all of this rank's tasks)."""
+        reduce = getattr(self._trainer.strategy if self._trainer is not None else None, "reduce_task_gradients", None)
+        if reduce is not None:
+            reduce(self, task)
 
     def validation_step(self, batch: dict[str, TaskBatch | None], batch_idx: int) -> Tensor:
         return self._shared_step(batch, "val")
@@ -148,17 +338,49 @@ class MultiTaskSSL(pl.LightningModule):
         return {name: self.task_forward(name, sub) for name, sub in batch.items() if sub is not None}
 
     # -------------------------------------------------------------- optimizers
-    def configure_optimizers(self) -> Any:
+    def task_parameters(self, name: str) -> list[nn.Parameter]:
+        """Parameters one task's optimizer updates in alternate mode: trunk, its head, its lasso weights."""
+        params = [*self.trunk.parameters(), *self.tasks[name].parameters()]
+        if self.mixing == "lasso":
+            params += list(self.mixers[name].parameters())
+        return params
+
+    def _make_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         if self.optimizer_factory is None:
-            optimizer = torch.optim.RMSprop(self.parameters(), lr=1e-3)
+            return torch.optim.RMSprop(params, lr=1e-3)
+        return self.optimizer_factory(params)
+
+    def configure_optimizers(self) -> Any:
+        if self.combine == "sum":
+            groups = [list(self.parameters())]
         else:
-            optimizer = self.optimizer_factory(self.parameters())
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+            groups = [self.task_parameters(name) for name in self.tasks]
+        configs = []
+        for params in groups:
+            optimizer = self._make_optimizer(params)
+            config: dict[str, Any] = {"optimizer": optimizer}
+            if self.scheduler_factory is not None:
+                config["lr_scheduler"] = {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}
+            configs.append(config)
+        if len(configs) == 1:
+            return configs[0] if "lr_scheduler" in configs[0] else configs[0]["optimizer"]
+        return configs
 
     # ------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # plain strings/numbers only, so `load_trunk` can rebuild the trunk with weights_only=True
+        # plain strings/numbers/tensors only, so checkpoints load with weights_only=True
         checkpoint["trunk_spec"] = self.trunk.spec()
+        checkpoint["mtssl_train_steps"] = self._train_steps
+        # RNG states, so that a resumed run draws the same crops and task samples as an
+        # uninterrupted one (data order and task randomness come from torch's global RNG)
+        checkpoint["mtssl_rng"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint["mtssl_rng"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._train_steps = int(checkpoint.get("mtssl_train_steps", 0))
+        rng = checkpoint.get("mtssl_rng")
+        if rng is not None:
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(rng["cuda"])

@@ -17,6 +17,7 @@ from mtssl_lightning.cli import run
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml"))
 PAPER_CONFIGS = sorted(str(p.relative_to(ROOT / "configs")) for p in (ROOT / "configs" / "pretrain").glob("*.yaml"))
+OVERLAYS = sorted((ROOT / "configs" / "distributed").glob("*.yaml"))
 TOY = """
 seed_everything: 0
 trainer:
@@ -158,3 +159,12 @@ def test_other_subcommands_run_from_a_checkpoint(tmp_path, subcommand):
         assert bright[0]["bright"].shape == (2,) and other[0]["other"].shape == (2,)
     else:
         assert "val/bright/loss" in cli.trainer.callback_metrics
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=[p.name for p in OVERLAYS])
+def test_distributed_overlays_compose_with_a_paper_config(overlay, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run(["fit", "--config", str(ROOT / "configs/pretrain/all.yaml"), "--config", str(overlay), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "strategy:" in printed and "devices: 8" in printed

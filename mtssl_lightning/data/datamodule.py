@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -25,6 +26,19 @@ from mtssl_lightning.data.video import (
 )
 
 log = logging.getLogger(__name__)
+
+
+class IdleLoader:
+    """Stands in for the loader of a task this rank does not train: ``length`` batches of ``None``."""
+
+    def __init__(self, length: int) -> None:
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[None]:
+        return iter([None] * self.length)
 
 
 def open_video_source(root: str, frame_range: tuple[float, float] = (0.0, 1.0)) -> VideoSource:
@@ -113,6 +127,10 @@ class MultiTaskDataModule(pl.LightningDataModule):
     @property
     def requests(self) -> dict[str, DataRequest]:
         """What each task needs, from the constructor or from the attached model's tasks."""
+        return self._requests_for(training=False)
+
+    def _requests_for(self, training: bool) -> dict[str, DataRequest]:
+        """All tasks' requests, or (``training``) those of the tasks this rank trains."""
         if self._requests is not None:
             return self._requests
         model = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
@@ -121,7 +139,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
                 "MultiTaskDataModule does not know the tasks: attach it to a Trainer with a "
                 "MultiTaskSSL model, or pass `requests={name: DataRequest(...)}`"
             )
-        return model.data_requests()
+        return model.data_requests(training=training)
 
     def setup(self, stage: str | None = None) -> None:
         """Open the sources the tasks need (images and/or videos); unusable videos are reported here."""
@@ -201,14 +219,22 @@ class MultiTaskDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> CombinedLoader:
+        """``{task: loader}`` of every task; under a task-parallel strategy the tasks this rank
+        does not train get an :class:`IdleLoader` (no data read; same number of batches), because
+        Lightning checks the loaders' lengths with one collective per loader on every rank."""
         requests = self.requests
+        active = self._requests_for(training=True)
         # default epoch: one pass over the training images (or 8 clips per training video)
         items = len(self.train_images) if self.train_images is not None else 8 * len(self.train_videos or [])
         steps = self.steps_per_epoch or max(1, items // max(r.batch_size for r in requests.values()))
-        loaders = {
-            name: self._loader(self._dataset(r, steps * r.batch_size, train=True), r.batch_size, train=True)
-            for name, r in requests.items()
-        }
+        world = self.trainer.world_size if self.trainer is not None else 1
+        loaders: dict[str, object] = {}
+        for name, r in requests.items():
+            if name in active:
+                loaders[name] = self._loader(self._dataset(r, steps * r.batch_size, train=True), r.batch_size, train=True)
+            else:
+                # what a DistributedSampler (padded to ceil(N / world)) + drop_last gives the others
+                loaders[name] = IdleLoader(math.ceil(steps * r.batch_size / world) // r.batch_size)
         # all loaders have exactly `steps` batches, so "max_size_cycle" never cycles
         return CombinedLoader(loaders, mode="max_size_cycle")
 
