@@ -139,6 +139,20 @@ def test_alternate_mode_steps_each_task_optimizer_once_per_batch_over_the_trunk(
     assert "train/a/loss_epoch" in trainer.callback_metrics and "lasso/b/alpha_05" in trainer.callback_metrics
 
 
+def test_alternate_mode_clips_each_task_gradient(tmp_path) -> None:
+    norms: list[float] = []
+
+    class Norm(pl.Callback):
+        def on_before_optimizer_step(self, trainer, module, optimizer):
+            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+
+    model = _model(combine="alternate", gradient_clip_val=1e-3)
+    dm = MultiTaskDataModule(steps_per_epoch=2, val_samples=4, num_workers=0)
+    _trainer(tmp_path, max_epochs=1, limit_val_batches=0, callbacks=[Norm()]).fit(model, dm)
+    assert len(norms) == 4 and max(norms) <= 1e-3 * (1 + 1e-4)  # 2 batches × 2 task optimizers
+
+
 def test_task_ratios_schedule() -> None:
     model = _model(combine="alternate", task_ratios={"b": 0.25})
     assert [model.runs_at("b", s) for s in range(8)] == [False, False, False, True] * 2
