@@ -30,14 +30,20 @@ def _model(combine: str = "sum", mixing: str = "lasso") -> MultiTaskSSL:
                         optimizer=_sgd)
 
 
-def _close(got: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    """Equal up to float32 summation order: ‖got − expected‖ ≤ 1e-4 ‖expected‖ (+1e-7).
+def _close(got: torch.Tensor, expected: torch.Tensor, what: str, floor: float) -> None:
+    """Equal up to float32 summation order: ‖got − expected‖ ≤ 1e-4 ‖expected‖ + ``floor``.
 
-    The ranks and the reference sum the same terms in different orders (threads, buckets); a
-    wrong averaging (e.g. over the wrong ranks) is off by a factor like 2 and fails by far."""
+    The ranks and the reference sum the same terms in different orders (threads, DDP buckets);
+    ``floor`` (1e-5 of the whole model's gradient norm) covers gradients that are zero up to
+    rounding (e.g. a bias followed by BatchNorm). A wrong averaging (over the wrong ranks) is off
+    by a factor like 2 and fails by far."""
     error = torch.linalg.vector_norm(got - expected).item()
     scale = torch.linalg.vector_norm(expected).item()
-    assert error <= 1e-4 * scale + 1e-7, f"{what}: ‖diff‖ {error:.3g} vs ‖expected‖ {scale:.3g}"
+    assert error <= 1e-4 * scale + floor, f"{what}: ‖diff‖ {error:.3g} vs ‖expected‖ {scale:.3g} (floor {floor:.3g})"
+
+
+def _floor(reference: dict[str, torch.Tensor]) -> float:
+    return 1e-5 * torch.linalg.vector_norm(torch.stack([g.norm() for g in reference.values()])).item()
 
 
 class Record(pl.Callback):
@@ -113,7 +119,7 @@ def test_task_parallel_gradients_equal_single_process_reference(tmp_path, world,
         (grads,) = result["grads"]
         assert set(grads) == set(reference)
         for name, g in grads.items():
-            _close(g, reference[name], f"rank {r}: {name}")
+            _close(g, reference[name], f"rank {r}: {name}", _floor(reference))
         for k, v in result["end"].items():
             if k.startswith("trunk.") or v.is_floating_point():
                 # after the step (and the buffer sync) every rank holds the same model
@@ -130,7 +136,7 @@ def test_alternate_mode_task_parallel_steps_each_task_with_its_ranks_gradients(t
     for result in ranks:
         grads_a, grads_b = result["grads"]
         for name in grads_a:
-            _close(grads_a[name], reference_a[name], name)
+            _close(grads_a[name], reference_a[name], name, _floor(reference_a))
         for name, g in grads_b.items():
             torch.testing.assert_close(g, ranks[0]["grads"][1][name], atol=0, rtol=0)
         for k, v in result["end"].items():
@@ -144,7 +150,7 @@ def test_plain_ddp_gradients_equal_single_process_reference(tmp_path, world) -> 
     for r, result in enumerate(ranks):
         (grads,) = result["grads"]
         for name, g in grads.items():
-            _close(g, reference[name], f"rank {r}: {name}")
+            _close(g, reference[name], f"rank {r}: {name}", _floor(reference))
         for k, v in result["end"].items():
             if k.startswith("trunk.") and "running" not in k:
                 torch.testing.assert_close(v, ranks[0]["end"][k], atol=0, rtol=0)
