@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -38,6 +40,7 @@ log = logging.getLogger(__name__)
 STAGES = ("train", "val")
 Mixing = Literal["naive", "lasso"]
 Combine = Literal["sum", "alternate"]
+NonFinite = Literal["skip", "stop"]
 
 
 class MultiTaskSSL(pl.LightningModule):
@@ -69,6 +72,10 @@ class MultiTaskSSL(pl.LightningModule):
         channels_last: on CUDA, run the trunk in channels-last memory format (ignored on CPU).
         compile: on CUDA, ``torch.compile`` the trunk in place (``nn.Module.compile``, keeps
             the checkpoint keys; ignored on CPU, where compilation costs more than it saves).
+        nonfinite: what to do when a training loss is NaN or infinite (checked every step, across
+            all ranks): ``"skip"`` the update with a warning (counted in ``train/nonfinite_skipped``;
+            in alternate mode only that task's update) or ``"stop"``: save the weights from before
+            the step to ``<default_root_dir>/nonfinite-last-good.ckpt`` and raise ``FloatingPointError``.
     """
 
     def __init__(
@@ -87,6 +94,7 @@ class MultiTaskSSL(pl.LightningModule):
         gradient_clip_val: float | None = None,
         channels_last: bool = False,
         compile: bool = False,
+        nonfinite: NonFinite = "skip",
     ) -> None:
         super().__init__()
         if not tasks:
@@ -117,6 +125,8 @@ class MultiTaskSSL(pl.LightningModule):
                 "`task_ratios`: at least one task must run every step (ratio 1, or not listed), so that "
                 "every training batch counts as one step"
             )
+        if nonfinite not in ("skip", "stop"):
+            raise ValueError(f"`nonfinite` must be 'skip' or 'stop', got {nonfinite!r}")
         if gradient_clip_val is not None and gradient_clip_val <= 0:
             raise ValueError(f"`gradient_clip_val` must be positive or null, got {gradient_clip_val}")
         self.trunk = trunk if trunk is not None else ResNetV2()
@@ -145,6 +155,8 @@ class MultiTaskSSL(pl.LightningModule):
         self.val_seed = val_seed
         self.combine, self.task_ratios, self.gradient_clip_val = combine, task_ratios, gradient_clip_val
         self.channels_last, self.compile_trunk = channels_last, compile
+        self.nonfinite = nonfinite
+        self._nonfinite_skipped = 0
         self.automatic_optimization = combine == "sum"
         self._val_batches_seen = 0
         self._train_steps = 0  # training batches done (saved in checkpoints; drives task_ratios)
@@ -249,6 +261,31 @@ class MultiTaskSSL(pl.LightningModule):
         self.log(f"{stage}/loss", total, batch_size=1, on_step=stage == "train", on_epoch=True)
         return total
 
+    def _check_finite(self, loss: Tensor | None, what: str) -> bool:
+        """Whether ``loss`` is finite on every rank (one host sync and, distributed, one collective);
+        otherwise handle it per ``nonfinite``. ``None`` (a task this rank does not run) counts as finite."""
+        finite = loss is None or bool(torch.isfinite(loss.detach()).all())
+        if self._trainer is not None:
+            finite = bool(self._trainer.strategy.reduce_boolean_decision(finite, all=True))
+        if finite:
+            return True
+        if self.nonfinite == "stop":
+            path = Path(self.trainer.default_root_dir) / "nonfinite-last-good.ckpt"
+            self.trainer.save_checkpoint(path)
+            raise FloatingPointError(
+                f"non-finite {what} loss at training step {self._train_steps}; the weights from before this step "
+                f"are saved in {path}. Lower the learning rate, set `model.gradient_clip_val` (alternate mode) or "
+                "`trainer.gradient_clip_val` (sum mode), or set `model.nonfinite: skip`."
+            )
+        self._nonfinite_skipped += 1
+        warnings.warn(
+            f"non-finite {what} loss at training step {self._train_steps}: update skipped "
+            f"({self._nonfinite_skipped} so far)",
+            stacklevel=2,
+        )
+        self.log("train/nonfinite_skipped", float(self._nonfinite_skipped), on_step=True, on_epoch=False, batch_size=1)
+        return False
+
     def _log_untrained_metrics(self, name: str) -> None:
         """Log task ``name``'s training metrics without updating them (a rank that does not train it).
 
@@ -269,8 +306,10 @@ class MultiTaskSSL(pl.LightningModule):
         if self.combine == "sum":
             loss = self._shared_step(batch, "train", names)
             penalty = self._penalty(names)
+            loss = loss if penalty is None else loss + penalty
+            finite = self._check_finite(loss, "training")
             self._train_steps += 1
-            return loss if penalty is None else loss + penalty
+            return loss if finite else None  # None: Lightning skips backward and the step
         return self._alternate_step(batch, names)
 
     def _alternate_step(self, batch: dict[str, TaskBatch | None], names: list[str]) -> None:
@@ -289,13 +328,19 @@ class MultiTaskSSL(pl.LightningModule):
             index = order.index(name)
             optimizer = optimizers[index]
             optimizer.zero_grad(set_to_none=True)
+            loss = None
             if name in names and batch.get(name) is not None:
                 loss = self._task_loss(name, batch[name], "train")
                 penalty = self._penalty([name])
-                self.manual_backward(loss if penalty is None else loss + penalty)
+                loss = loss if penalty is None else loss + penalty
             else:
                 self._log_untrained_metrics(name)
-            self.sync_task_gradients(name)
+            # collective decision (every rank walks the same tasks); a skipped task leaves all
+            # gradients None, so its optimizer step below changes nothing
+            if self._check_finite(loss, f"{name!r}"):
+                if loss is not None:
+                    self.manual_backward(loss)
+                self.sync_task_gradients(name)
             if self.gradient_clip_val is not None:
                 self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
             if name == running[-1]:

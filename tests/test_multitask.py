@@ -193,3 +193,65 @@ def test_resume_continues_exactly(tmp_path, options) -> None:
         assert torch.equal(p, q), name
     for (name, p), (_, q) in zip(straight.named_buffers(), resumed.named_buffers()):
         assert torch.equal(p, q), name
+
+
+# --------------------------------------------------------------------------------------------
+# non-finite losses
+# --------------------------------------------------------------------------------------------
+
+
+class Poisoned(Brightness):
+    """Brightness whose loss is NaN at its ``nan_at``-th call (counting from 0)."""
+
+    def __init__(self, nan_at: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.nan_at, self.calls = nan_at, 0
+
+    def loss(self, prediction, batch):
+        loss = super().loss(prediction, batch)
+        self.calls += 1
+        return loss * float("nan") if self.calls - 1 == self.nan_at else loss
+
+
+def _poisoned(**kwargs) -> MultiTaskSSL:
+    torch.manual_seed(0)
+    tasks = {"a": Brightness(batch_size=4, image_size=32), "b": Poisoned(1, batch_size=2, image_size=32)}
+    return MultiTaskSSL(tasks=tasks, trunk=ResNetV2("tiny", width=0.125), optimizer=lambda p: torch.optim.SGD(p, lr=0.1), **kwargs)
+
+
+@pytest.mark.parametrize("combine", ["sum", "alternate"])
+def test_nonfinite_loss_skips_the_update_with_a_warning(tmp_path, combine) -> None:
+    model = _poisoned(combine=combine)
+    seen: list[dict[str, torch.Tensor]] = []
+
+    class Snap(pl.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            seen.append({n: p.detach().clone() for n, p in module.named_parameters()})
+
+    dm = MultiTaskDataModule(steps_per_epoch=3, val_samples=4, num_workers=0)
+    trainer = _trainer(tmp_path, max_epochs=1, limit_val_batches=0, callbacks=[Snap()])
+    with pytest.warns(UserWarning, match="non-finite .* loss at training step 1: update skipped"):
+        trainer.fit(model, dm)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert trainer.callback_metrics["train/nonfinite_skipped"] == 1
+    b_head = [n for n in seen[0] if n.startswith("tasks.b.")]
+    a_head = [n for n in seen[0] if n.startswith("tasks.a.")]
+    # batch 1: b's update is skipped (in sum mode the whole step), so b's head did not move
+    assert all(torch.equal(seen[0][n], seen[1][n]) for n in b_head)
+    moved_a = any(not torch.equal(seen[0][n], seen[1][n]) for n in a_head)
+    assert moved_a == (combine == "alternate")  # alternate: a's own update still happened
+    assert any(not torch.equal(seen[1][n], seen[2][n]) for n in b_head)  # training goes on
+
+
+def test_nonfinite_loss_can_stop_with_the_last_good_weights(tmp_path) -> None:
+    model = _poisoned(nonfinite="stop")
+    dm = MultiTaskDataModule(steps_per_epoch=3, val_samples=4, num_workers=0)
+    trainer = _trainer(tmp_path, max_epochs=1, limit_val_batches=0)
+    with pytest.raises(FloatingPointError, match="nonfinite-last-good.ckpt"):
+        trainer.fit(model, dm)
+    ckpt = torch.load(tmp_path / "nonfinite-last-good.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 1  # one good step, then the bad one was not applied
+    state = ckpt["state_dict"]
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    for name, p in model.named_parameters():
+        assert torch.equal(state[name], p.detach()), name  # exactly the weights before the bad step
