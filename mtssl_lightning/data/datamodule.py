@@ -28,6 +28,10 @@ from mtssl_lightning.data.video import (
 log = logging.getLogger(__name__)
 
 
+#: default clips per validation video (and per training video for the default epoch length)
+CLIPS_PER_VIDEO = 8
+
+
 class IdleLoader:
     """Stands in for the loader of a task this rank does not train: ``length`` batches of ``None``."""
 
@@ -178,32 +182,36 @@ class MultiTaskDataModule(pl.LightningDataModule):
         log.info("video tasks %s train on %s; validate on %s", video_tasks, self.train_videos.describe(), self.val_videos.describe())
 
     # ------------------------------------------------------------ dataloaders
+    def _source(self, request: DataRequest, train: bool) -> ImageSource | VideoSource:
+        """The training or validation images or videos a task reads."""
+        if request.source == "videos":
+            source = self.train_videos if train else self.val_videos
+        else:
+            source = self.train_images if train else self.val_images
+        assert source is not None, "call setup() first"
+        return source
+
+    @staticmethod
+    def _samples_in(source: ImageSource | VideoSource) -> int:
+        """Default samples per pass: one crop per image, :data:`CLIPS_PER_VIDEO` clips per video."""
+        return len(source) * (CLIPS_PER_VIDEO if isinstance(source, VideoSource) else 1)
+
     def _dataset(self, request: DataRequest, length: int | None, train: bool) -> Dataset:
-        """Crops of the images, or clips of the videos, for one task.
+        """Crops of the images, or clips of the videos, for one task (``length`` ``None`` = :meth:`_samples_in`).
 
         A validation set whose last batch would hold a single sample loses that sample: a batch
         of one has no negatives for the exemplar loss (training batches are always full).
         """
-        if not train:
-            sources = self.val_videos if request.source == "videos" else self.val_images
-            n = length if length is not None else (8 * len(sources or []) if request.source == "videos" else len(sources or []))
-            length = n - 1 if n > 1 and n % request.batch_size == 1 else n
-        if request.source == "videos":
-            videos = self.train_videos if train else self.val_videos
-            assert videos is not None, "call setup() first"
+        source = self._source(request, train)
+        if length is None:
+            length = self._samples_in(source)
+        if not train and length > 1 and length % request.batch_size == 1:
+            length -= 1
+        if isinstance(source, VideoSource):
             return ClipDataset(
-                videos,
-                request.image_size,
-                request.clip_length,
-                request.frame_stride,
-                length if length is not None else 8 * len(videos),
-                train,
-                self.min_scale,
-                self.seed,
+                source, request.image_size, request.clip_length, request.frame_stride, length, train, self.min_scale, self.seed
             )
-        images = self.train_images if train else self.val_images
-        assert images is not None, "call setup() first"
-        return CropDataset(images, request.image_size, length if length is not None else len(images), train, self.min_scale, self.seed)
+        return CropDataset(source, request.image_size, length, train, self.min_scale, self.seed)
 
     def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
         collate: Callable = ClipBatch.collate if isinstance(dataset, ClipDataset) else ImageBatch.collate
@@ -225,7 +233,9 @@ class MultiTaskDataModule(pl.LightningDataModule):
         requests = self.requests
         active = self._requests_for(training=True)
         # default epoch: one pass over the training images (or 8 clips per training video)
-        items = len(self.train_images) if self.train_images is not None else 8 * len(self.train_videos or [])
+        first = self.train_images if self.train_images is not None else self.train_videos
+        assert first is not None, "call setup() first"
+        items = self._samples_in(first)
         steps = self.steps_per_epoch or max(1, items // max(r.batch_size for r in requests.values()))
         world = self.trainer.world_size if self.trainer is not None else 1
         loaders: dict[str, object] = {}

