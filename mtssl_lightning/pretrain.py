@@ -31,6 +31,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from mtssl_lightning.data.batch import ClipBatch, DataRequest, ImageBatch, TaskBatch
+from mtssl_lightning.distributed.task_parallel import TaskParallelStrategy
 from mtssl_lightning.tasks.base import Task
 from mtssl_lightning.trunks import ResNetV2, Trunk
 from mtssl_lightning.trunks.lasso import LassoInit, UnitMixer
@@ -162,13 +163,18 @@ class MultiTaskSSL(pl.LightningModule):
         self._train_steps = 0  # training batches done (saved in checkpoints; drives task_ratios)
 
     # ------------------------------------------------------------------- data
+    @property
+    def _task_parallel(self) -> TaskParallelStrategy | None:
+        """The trainer's strategy when it is task-parallel, else ``None``."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        return strategy if isinstance(strategy, TaskParallelStrategy) else None
+
     def active_tasks(self) -> list[str]:
         """The tasks this process trains: all, or under a task-parallel strategy this rank's."""
-        strategy = self._trainer.strategy if self._trainer is not None else None
-        tasks_of_rank = getattr(strategy, "tasks_of_rank", None)
-        if tasks_of_rank is None:
+        if self._task_parallel is None:
             return list(self.tasks)
-        return [name for name in self.tasks if name in tasks_of_rank(self.global_rank)]
+        mine = self._task_parallel.tasks_of_rank(self.global_rank)
+        return [name for name in self.tasks if name in mine]
 
     def data_requests(self, training: bool = False) -> dict[str, DataRequest]:
         """What each task needs from the DataModule (read by ``MultiTaskDataModule``); for
@@ -322,7 +328,7 @@ class MultiTaskSSL(pl.LightningModule):
         order = list(self.tasks)
         # under a task-parallel strategy every rank walks through every task (the gradient
         # reduction is collective); a rank that does not run a task contributes no gradient
-        walk = order if self._task_parallel() else names
+        walk = order if self._task_parallel is not None else names
         running = [n for n in walk if self.runs_at(n, self._train_steps)]
         for name in running:
             index = order.index(name)
@@ -354,23 +360,18 @@ class MultiTaskSSL(pl.LightningModule):
         self._train_steps += 1
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        sync = getattr(self._trainer.strategy if self._trainer is not None else None, "sync_buffers", None)
-        if sync is not None:
-            sync(self)
+        if self._task_parallel is not None:
+            self._task_parallel.sync_buffers(self)
 
     def on_after_backward(self) -> None:
         if self.automatic_optimization:
             self.sync_task_gradients(None)
 
-    def _task_parallel(self) -> bool:
-        return hasattr(self._trainer.strategy if self._trainer is not None else None, "reduce_task_gradients")
-
     def sync_task_gradients(self, task: str | None) -> None:
         """Let a task-parallel strategy average the gradients of the last backward pass
         (``task`` = the task of that pass in alternate mode, ``None`` = all of this rank's tasks)."""
-        reduce = getattr(self._trainer.strategy if self._trainer is not None else None, "reduce_task_gradients", None)
-        if reduce is not None:
-            reduce(self, task)
+        if self._task_parallel is not None:
+            self._task_parallel.reduce_task_gradients(self, task)
 
     def validation_step(self, batch: dict[str, TaskBatch | None], batch_idx: int) -> Tensor:
         return self._shared_step(batch, "val")
@@ -383,12 +384,13 @@ class MultiTaskSSL(pl.LightningModule):
         return {name: self.task_forward(name, sub) for name, sub in batch.items() if sub is not None}
 
     # -------------------------------------------------------------- optimizers
+    def head_modules(self, name: str) -> list[nn.Module]:
+        """What belongs to task ``name`` alone: the task (its head) and, in lasso mode, its mixer."""
+        return [self.tasks[name], self.mixers[name]] if self.mixing == "lasso" else [self.tasks[name]]
+
     def task_parameters(self, name: str) -> list[nn.Parameter]:
         """Parameters one task's optimizer updates in alternate mode: trunk, its head, its lasso weights."""
-        params = [*self.trunk.parameters(), *self.tasks[name].parameters()]
-        if self.mixing == "lasso":
-            params += list(self.mixers[name].parameters())
-        return params
+        return [*self.trunk.parameters(), *(p for m in self.head_modules(name) for p in m.parameters())]
 
     def _make_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         if self.optimizer_factory is None:

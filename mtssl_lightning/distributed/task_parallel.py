@@ -30,14 +30,17 @@ copied from the first rank that runs it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.pytorch.overrides.distributed import _sync_module_states
 from lightning.pytorch.strategies import DDPStrategy
-from torch import Tensor, nn
+from torch import nn
+
+if TYPE_CHECKING:  # the module imports this strategy; only type hints go the other way
+    from mtssl_lightning.pretrain import MultiTaskSSL
 
 __all__ = ["TaskParallelStrategy"]
 
@@ -93,21 +96,18 @@ class TaskParallelStrategy(DDPStrategy):
         _sync_module_states(self.model)
 
     # ------------------------------------------------------------ reductions
-    def _parameter_groups(self, module: nn.Module, task: str | None) -> list[tuple[list[nn.Parameter], int]]:
+    def _parameter_groups(self, module: MultiTaskSSL, task: str | None) -> list[tuple[list[nn.Parameter], int]]:
         """``[(parameters, contributing ranks)]`` reduced after a backward pass of ``task`` (or of all tasks)."""
         def own(name: str) -> list[nn.Parameter]:
-            params = list(module.tasks[name].parameters())
-            if name in getattr(module, "mixers", {}):
-                params += list(module.mixers[name].parameters())
-            return params
+            return [p for m in module.head_modules(name) for p in m.parameters()]
 
         if task is not None:
-            return [([*module.trunk.parameters(), *own(task)], len(self.ranks_of_task(task)))]
+            return [(module.task_parameters(task), len(self.ranks_of_task(task)))]
         groups = [(list(module.trunk.parameters()), self.world_size)]
         groups += [(own(name), len(self.ranks_of_task(name))) for name in module.tasks]
         return groups
 
-    def reduce_task_gradients(self, module: nn.Module, task: str | None) -> None:
+    def reduce_task_gradients(self, module: MultiTaskSSL, task: str | None) -> None:
         """Average the gradients of the last backward pass across ranks (see the module docstring).
 
         Parameters without a gradient on this rank contribute zeros; afterwards every rank holds
@@ -131,7 +131,7 @@ class TaskParallelStrategy(DDPStrategy):
                 p.grad = (flat[offset : offset + n] / ranks).view_as(p).to(p.dtype)
                 offset += n
 
-    def sync_buffers(self, module: nn.Module) -> None:
+    def sync_buffers(self, module: MultiTaskSSL) -> None:
         """Average the trunk's floating buffers over all ranks (its counters: rank 0's); copy each
         task's buffers from the first rank that runs it."""
         if not dist.is_available() or not dist.is_initialized() or self.world_size == 1:
@@ -150,8 +150,5 @@ class TaskParallelStrategy(DDPStrategy):
                 dist.broadcast(b, src=0)
         for name in module.tasks:
             owner = self.ranks_of_task(name)[0]
-            buffers: list[Tensor] = list(module.tasks[name].buffers())
-            if name in getattr(module, "mixers", {}):
-                buffers += list(module.mixers[name].buffers())
-            for b in buffers:
+            for b in (b for m in module.head_modules(name) for b in m.buffers()):
                 dist.broadcast(b, src=owner)
