@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import kornia.color
 import kornia.contrib
 import kornia.morphology
 import torch
@@ -36,16 +37,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["MotionMaskConfig", "estimate_shift", "motion_masks", "shift_images"]
-
-#: ITU-R BT.601 luma weights, for the grey frames
-_LUMA = (0.299, 0.587, 0.114)
-
-
-def _grey(frames: Tensor) -> Tensor:
-    """``(..., 3, H, W)`` RGB -> ``(..., H, W)`` luma."""
-    weights = torch.tensor(_LUMA, device=frames.device, dtype=frames.dtype)
-    return torch.einsum("...chw,c->...hw", frames, weights)
-
 
 def _tukey(size: int, device: torch.device, taper: float = 0.25) -> Tensor:
     """``(size,)`` Tukey window: cosine tapers over ``taper / 2`` of each end, flat (1) between.
@@ -176,7 +167,7 @@ def motion_masks(clips: Tensor, config: MotionMaskConfig | None = None) -> Tenso
     if t < 3 or c != 3:
         raise ValueError(f"motion masks need clips (B, T >= 3, 3, H, W) with frames on both sides of the key frame; got {tuple(clips.shape)}")
     key = t // 2
-    grey = _grey(clips.float())  # (B, T, H, W)
+    grey = kornia.color.rgb_to_grayscale(clips.float())[:, :, 0]  # (B, T, H, W), BT.601 luma
     others = [i for i in range(t) if i != key]
     reference = grey[:, key : key + 1].expand(-1, len(others), -1, -1).reshape(-1, h, w)
     moving = grey[:, others].reshape(-1, h, w)

@@ -153,10 +153,15 @@ def ab_gamut_bins(grid: int = 10, rule: GamutRule = "centre") -> Tensor:
 _TABLE_EXTENT = 128
 
 
+def _table_side(resolution: float) -> int:
+    """Cells per side of the candidate table's ``[-128, 128]²`` grid at ``resolution`` ab units."""
+    return int(2 * _TABLE_EXTENT / resolution) + 1
+
+
 @functools.lru_cache(maxsize=8)
 def _candidate_table_cached(centres_key: tuple[tuple[float, float], ...], neighbours: int, resolution: float) -> Tensor:
     centres = torch.tensor(centres_key, dtype=torch.float64)
-    n = int(2 * _TABLE_EXTENT / resolution) + 1
+    n = _table_side(resolution)
     g = torch.arange(n, dtype=torch.float64) * resolution - _TABLE_EXTENT
     a, b = torch.meshgrid(g, g, indexing="ij")
     cells = torch.stack([a.reshape(-1), b.reshape(-1)], 1)
@@ -207,7 +212,7 @@ def soft_encode_sparse(
     if candidates is None:
         d2, idx = torch.topk(torch.cdist(pixels, c).square(), neighbours, dim=1, largest=False)
     else:
-        n = int(2 * _TABLE_EXTENT / resolution) + 1
+        n = _table_side(resolution)
         cell = torch.round((pixels + _TABLE_EXTENT) / resolution).clamp_(0, n - 1).to(torch.int64)
         cand = candidates.to(ab.device)[cell[:, 0] * n + cell[:, 1]]  # (P, M)
         cand_d2 = (c[cand] - pixels[:, None]).square().sum(-1)
