@@ -39,6 +39,7 @@ from mtssl_lightning.data.batch import TaskBatch
 from mtssl_lightning.data.color import lab_to_rgb, rgb_to_lab
 from mtssl_lightning.tasks.base import InputMode, Task
 from mtssl_lightning.tasks.heads import DenseHead
+from mtssl_lightning.tasks.metrics import HitRate
 
 GamutRule = Literal["cell", "centre"]
 
@@ -287,7 +288,7 @@ def rebalance_weights(smoothed_prior: Tensor, lam: float = 0.5) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-class TopBinAccuracy(Metric):
+class TopBinAccuracy(HitRate):
     """Fraction of pixels whose most likely predicted bin is the soft target's most likely bin.
 
     ``update(logits, target_bin, pred_ab, true_ab)`` (the colorization metric signature; only
@@ -295,23 +296,10 @@ class TopBinAccuracy(Metric):
     bin, i.e. the soft target's largest weight).
     """
 
-    full_state_update = False
-    higher_is_better = True
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.add_state("correct", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("total", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-
     def update(
         self, logits: Tensor, target_bin: Tensor, pred_ab: Tensor | None = None, true_ab: Tensor | None = None
     ) -> None:
-        hits = logits.argmax(1) == target_bin
-        self.correct += hits.sum().to(torch.float64)
-        self.total += float(hits.numel())
-
-    def compute(self) -> Tensor:
-        return (self.correct / self.total.clamp_min(1.0)).to(torch.float32)
+        self.count(logits.argmax(1) == target_bin)
 
 
 class AbErrorAuC(Metric):

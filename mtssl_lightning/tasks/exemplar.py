@@ -62,10 +62,11 @@ import kornia.augmentation as KA
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics import Metric, MetricCollection
+from torchmetrics import MetricCollection
 
 from mtssl_lightning.data.batch import TaskBatch
 from mtssl_lightning.tasks.base import InputMode, Task
+from mtssl_lightning.tasks.metrics import HitRate
 
 Mining = Literal["semi_hard", "batch_hard"]
 
@@ -186,7 +187,7 @@ def triplet_loss(embeddings: Tensor, labels: Tensor, margin: float = 0.5, mining
 # --------------------------------------------------------------------------------------------
 
 
-class ViewRetrievalAccuracy(Metric):
+class ViewRetrievalAccuracy(HitRate):
     """Fraction of views whose nearest *other* view (Euclidean, within one ``update``) is of the same image.
 
     ``update(embeddings (N, D), labels (N,))``: for each view ``i`` the nearest view
@@ -196,14 +197,6 @@ class ViewRetrievalAccuracy(Metric):
     update is ``(V - 1) / (B·V - 1)`` (e.g. 7/255 ≈ 0.027 for B = 32, V = 8).
     """
 
-    full_state_update = False
-    higher_is_better = True
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.add_state("hits", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("total", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-
     def update(self, embeddings: Tensor, labels: Tensor) -> None:
         if embeddings.shape[0] < 2:
             return
@@ -211,11 +204,7 @@ class ViewRetrievalAccuracy(Metric):
         d = d.fill_diagonal_(float("inf"))
         nearest = d.argmin(1)
         labels = labels.to(embeddings.device)
-        self.hits += (labels[nearest] == labels).sum().to(torch.float64)
-        self.total += float(labels.numel())
-
-    def compute(self) -> Tensor:
-        return (self.hits / self.total.clamp_min(1.0)).to(torch.float32)
+        self.count(labels[nearest] == labels)
 
 
 # --------------------------------------------------------------------------------------------
