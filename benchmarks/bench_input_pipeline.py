@@ -31,8 +31,6 @@ It prints a table and writes it, with the machine and the command, to its own se
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -43,12 +41,11 @@ import kornia
 import kornia.color
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from _report import DEFAULT_OUTPUT, command_line, write_section
+from _report import DEFAULT_OUTPUT, command_line, machine, write_section
 from mtssl_lightning.data.batch import ImageBatch
 from mtssl_lightning.data.datasets import CropDataset
 from mtssl_lightning.data.sources import ImageSource, SampleImages
@@ -320,11 +317,8 @@ def render(
         "",
         f"Command: `{command}`",
         "",
-        f"Machine: {os.cpu_count()} CPU cores ({platform.machine()}, {platform.system()}), "
-        f"Python {platform.python_version()}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
-        f"kornia {kornia.__version__}; {torch.get_num_threads()} torch threads in the main process, "
-        f"{args.workers} DataLoader workers (1 thread each) in both pipelines; 1-minute load average "
-        f"{os.getloadavg()[0]:.2f} at the end of the run.",
+        f"Machine: {machine()} (at the end of the run); kornia {kornia.__version__}; the torch threads are "
+        f"the main process's, and both pipelines use {args.workers} DataLoader workers (1 thread each).",
         "",
         f"Images/s, median (min–max) of {args.repeats} runs of {args.batches} batches of {args.batch_size} "
         f"after {args.warmup} warm-up batches; random crops of the bundled sample photos (train split). "

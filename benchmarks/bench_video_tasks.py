@@ -23,6 +23,7 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", type=int, default=32, help="images per exemplar batch (8 views each)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--output", default=str(DEFAULT_OUTPUT))
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     body = "\n".join(lines) + "\n"
     print(body)
     if not args.no_write:
-        write_section(DEFAULT_OUTPUT.__class__(args.output), SECTION, body)
+        write_section(args.output, SECTION, body)
         print(f"wrote {args.output}")
 
 
