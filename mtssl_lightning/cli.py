@@ -1,11 +1,17 @@
-"""``mtssl``: the LightningCLI (``mtssl fit|validate|test|predict --config …``)."""
+"""``mtssl``: the LightningCLI (``mtssl fit|validate|test|predict --config …``).
+
+Pretraining configs give ``model:``/``data:`` as :class:`MultiTaskSSL` /
+:class:`MultiTaskDataModule` arguments directly (those are the defaults); evaluation configs
+(``configs/eval/``) name another LightningModule and DataModule with ``class_path``.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from lightning.pytorch.cli import LightningCLI
+import lightning.pytorch as pl
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from mtssl_lightning.data.datamodule import MultiTaskDataModule
 from mtssl_lightning.pretrain import MultiTaskSSL
@@ -23,7 +29,17 @@ def wandb_configured() -> bool:
 
 
 class MTSSLCLI(LightningCLI):
-    """LightningCLI for :class:`MultiTaskSSL` + :class:`MultiTaskDataModule`; prints where outputs went."""
+    """LightningCLI over any LightningModule/DataModule, defaulting to :class:`MultiTaskSSL` +
+    :class:`MultiTaskDataModule` (so pretraining configs need no ``class_path``); prints where
+    outputs went."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.set_defaults(
+            {
+                "model": {"class_path": f"{MultiTaskSSL.__module__}.{MultiTaskSSL.__qualname__}"},
+                "data": {"class_path": f"{MultiTaskDataModule.__module__}.{MultiTaskDataModule.__qualname__}"},
+            }
+        )
 
     def after_fit(self) -> None:
         trainer = self.trainer
@@ -53,8 +69,10 @@ def run(args: list[str] | None = None) -> MTSSLCLI:
     if not wandb_configured():
         os.environ["WANDB_MODE"] = "offline"  # no account needed; a user's own setting wins
     return MTSSLCLI(
-        MultiTaskSSL,
-        MultiTaskDataModule,
+        pl.LightningModule,
+        pl.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
         auto_configure_optimizers=False,  # the module owns its optimizer(s)
         save_config_kwargs={"overwrite": True},
         args=args,

@@ -99,6 +99,15 @@ class _UnitV2(nn.Module):
         return shortcut + self.body(preact)
 
 
+def _init_convs(module: nn.Module) -> None:
+    """He-normal (fan-out) convolution weights, zero biases; BN keeps PyTorch's defaults."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
 def max_pool_same(x: Tensor, kernel: int = 3, stride: int = 2) -> Tensor:
     """Max-pool with TensorFlow "SAME" padding: output ``ceil(H / stride)``, extra pad at the end.
 
@@ -196,11 +205,35 @@ class ResNetV2(Trunk):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        _init_convs(self)
+
+    def next_block(self, stride: int = 1) -> nn.Sequential:
+        """A freshly initialised copy of the block that would follow the cut (block 4 after block 3).
+
+        The transfer heads use it: the linear probe's "block 4 + linear" option and Faster
+        R-CNN's per-RoI head. Units and width follow this trunk's preset; the stride-``stride``
+        unit is the last one (slim's layout), and the block ends with BN+ReLU so it maps
+        ``(N, out_channels, h, w)`` to ``(N, next_channels, h / stride, w / stride)`` features.
+
+        Raises:
+            ValueError: the trunk already ends with block 4.
+        """
+        b = len(self.unit_counts)
+        if b >= 4:
+            raise ValueError("this trunk already ends with block 4 (`last_block: 4`); there is no next block")
+        units = self.init_args["units"] or PRESETS[self.depth][1]
+        mid = _scaled(BASE_DEPTHS[b], self.init_args["width"])
+        out_ch = mid * (4 if self.unit_kind == "bottleneck" else 1)
+        momentum = self.init_args["bn_momentum"]
+        layers: list[nn.Module] = []
+        in_ch = self.out_channels
+        for i in range(units[b]):
+            layers.append(_UnitV2(self.unit_kind, in_ch, out_ch, mid, stride if i == units[b] - 1 else 1, 1, momentum))
+            in_ch = out_ch
+        block = nn.Sequential(*layers, _bn(out_ch, momentum), nn.ReLU())
+        _init_convs(block)
+        block.out_channels = out_ch  # type: ignore[assignment]
+        return block
 
     def forward(self, x: Tensor) -> TrunkOutput:
         x = max_pool_same(self.root(self.normalize(x)))
