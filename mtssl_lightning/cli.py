@@ -8,11 +8,14 @@ Pretraining configs give ``model:``/``data:`` as :class:`MultiTaskSSL` /
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from mtssl_lightning.callbacks import PreemptionCheckpoint
 from mtssl_lightning.data.datamodule import MultiTaskDataModule
 from mtssl_lightning.pretrain import MultiTaskSSL
 
@@ -28,6 +31,31 @@ def wandb_configured() -> bool:
         return False
 
 
+#: ``ckpt_path`` values Lightning resolves itself (not file paths)
+SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")
+
+
+def check_ckpt_path(ckpt_path: str | None) -> None:
+    """Fail early, with the fix, when ``--ckpt_path`` names no file or a file that is no checkpoint.
+
+    Lightning would otherwise find out after building the model and data (or, for a file that
+    is not a checkpoint, with an unpickling traceback). Remote URLs are left to Lightning.
+    """
+    if ckpt_path is None or ckpt_path in SPECIAL_CKPT_PATHS or "://" in str(ckpt_path):
+        return
+    path = Path(ckpt_path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"--ckpt_path {str(ckpt_path)!r} does not exist; give a .ckpt written by `mtssl fit` "
+            "(e.g. runs/<name>/checkpoints/last.ckpt) or `--ckpt_path last` to resume from the newest one"
+        )
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is not a checkpoint
+        raise ValueError(
+            f"--ckpt_path {str(ckpt_path)!r} is not a PyTorch checkpoint (not a torch.save archive); "
+            "was the file truncated or is it another kind of file? Give a .ckpt written by `mtssl fit`."
+        )
+
+
 class MTSSLCLI(LightningCLI):
     """LightningCLI over any LightningModule/DataModule, defaulting to :class:`MultiTaskSSL` +
     :class:`MultiTaskDataModule` (so pretraining configs need no ``class_path``); prints where
@@ -40,6 +68,13 @@ class MTSSLCLI(LightningCLI):
                 "data": {"class_path": f"{MultiTaskDataModule.__module__}.{MultiTaskDataModule.__qualname__}"},
             }
         )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        # before LightningCLI reads the checkpoint's hyperparameters (and before any model is built)
+        subcommand = self.config.get("subcommand")
+        if subcommand is not None:
+            check_ckpt_path(self.config[subcommand].get("ckpt_path"))
 
     def after_fit(self) -> None:
         trainer = self.trainer
@@ -75,6 +110,8 @@ def run(args: list[str] | None = None) -> MTSSLCLI:
         subclass_mode_data=True,
         auto_configure_optimizers=False,  # the module owns its optimizer(s)
         save_config_kwargs={"overwrite": True},
+        # on every run: pre-emption (SIGTERM) saves a checkpoint that `--ckpt_path last` resumes
+        trainer_defaults={"callbacks": [PreemptionCheckpoint()]},
         args=args,
     )
 

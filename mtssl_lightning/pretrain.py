@@ -158,6 +158,7 @@ class MultiTaskSSL(pl.LightningModule):
         self.channels_last, self.compile_trunk = channels_last, compile
         self.nonfinite = nonfinite
         self._nonfinite_skipped = 0
+        self._skipped_files = 0  # images/videos the workers found undecodable (this rank, whole run)
         self.automatic_optimization = combine == "sum"
         self._val_batches_seen = 0
         self._train_steps = 0  # training batches done (saved in checkpoints; drives task_ratios)
@@ -197,6 +198,7 @@ class MultiTaskSSL(pl.LightningModule):
         if not isinstance(batch, dict):
             return batch
         if self.trainer.training:
+            self._skipped_files += sum(sub.skipped for sub in batch.values() if sub is not None)
             return self.build_task_batches(batch)
         # validation/test: fixed randomness per batch, so every epoch sees the same inputs
         seed = self.val_seed + 1_000_003 * self.global_rank + self._val_batches_seen
@@ -307,6 +309,8 @@ class MultiTaskSSL(pl.LightningModule):
 
     def training_step(self, batch: dict[str, TaskBatch | None], batch_idx: int) -> Tensor | None:
         names = self.active_tasks()
+        # a plain number, no collective: files skipped by this rank's workers so far (warned about each)
+        self.log("train/skipped_files", float(self._skipped_files), on_step=True, on_epoch=False, batch_size=1)
         if self.mixing == "lasso":
             self._log_alpha()
         if self.combine == "sum":
@@ -418,6 +422,7 @@ class MultiTaskSSL(pl.LightningModule):
         # plain strings/numbers/tensors only, so checkpoints load with weights_only=True
         checkpoint["trunk_spec"] = self.trunk.spec()
         checkpoint["mtssl_train_steps"] = self._train_steps
+        checkpoint["mtssl_skipped_files"] = self._skipped_files
         # RNG states, so that a resumed run draws the same crops and task samples as an
         # uninterrupted one (data order and task randomness come from torch's global RNG)
         checkpoint["mtssl_rng"] = {"torch": torch.get_rng_state()}
@@ -426,6 +431,7 @@ class MultiTaskSSL(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._train_steps = int(checkpoint.get("mtssl_train_steps", 0))
+        self._skipped_files = int(checkpoint.get("mtssl_skipped_files", 0))
         rng = checkpoint.get("mtssl_rng")
         if rng is not None:
             torch.set_rng_state(rng["torch"])

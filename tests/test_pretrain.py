@@ -111,6 +111,26 @@ def test_load_trunk_errors_name_the_problem(tmp_path):
         load_trunk(tmp_path / "evil.pt")
 
 
+
+class _RunsCodeWhenUnpickled:
+    """A pickle payload: unpickling it with plain ``pickle`` would create the marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_loading_a_malicious_checkpoint_runs_no_code(tmp_path):
+    marker = tmp_path / "pwned"
+    trunk = ResNetV2("tiny", width=0.125)
+    torch.save({"trunk_spec": trunk.spec(), "state_dict": trunk.state_dict(), "x": _RunsCodeWhenUnpickled(marker)}, tmp_path / "evil.ckpt")
+    with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
+        load_trunk(tmp_path / "evil.ckpt")
+    assert not marker.exists()
+
+
 def test_pixel_scale_shrinks_task_pixel_sizes():
     model = MultiTaskSSL(tasks={"b": Brightness(image_size=224)}, trunk=ResNetV2("tiny", width=0.125), pixel_scale=0.25)
     assert model.data_requests()["b"].image_size == 56

@@ -6,9 +6,12 @@ regression with a known optimum, so the machinery tests do not depend on the pap
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torchmetrics import MeanSquaredError, MetricCollection
 
@@ -41,3 +44,50 @@ class Brightness(Task):
 
     def metric_inputs(self, prediction: Tensor, batch: BrightnessBatch) -> tuple[Tensor, Tensor]:
         return prediction, batch.target
+
+
+class StepMarker(Callback):
+    """Writes the global step to ``path`` after every training batch (a subprocess test polls it);
+    ``delay`` seconds of sleep per batch keep a tiny run going long enough to be interrupted."""
+
+    def __init__(self, path: str, delay: float = 0.0) -> None:
+        self.path, self.delay = path, delay
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        Path(self.path).write_text(str(trainer.global_step))
+        time.sleep(self.delay)
+
+
+class LossRecorder(Callback):
+    """Keeps every per-step training loss the module logged (``train/…loss_step``), in order."""
+
+    def __init__(self) -> None:
+        self.losses: list[dict[str, float]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        metrics = trainer.callback_metrics
+        self.losses.append({k: float(v) for k, v in sorted(metrics.items()) if k.startswith("train/") and k.endswith("loss_step")})
+
+
+#: a complete `mtssl fit` config around the toy task: two CPU steps, no logger, no workers
+TOY_CONFIG = """
+seed_everything: 0
+trainer:
+  accelerator: cpu
+  max_steps: 2
+  logger: false
+  enable_progress_bar: false
+  limit_val_batches: 1
+model:
+  trunk:
+    class_path: mtssl_lightning.trunks.ResNetV2
+    init_args: {depth: tiny, width: 0.125}
+  tasks:
+    bright:
+      class_path: toy_tasks.Brightness
+      init_args: {batch_size: 2, image_size: 32}
+data:
+  num_workers: 0
+  steps_per_epoch: 2
+  val_samples: 2
+"""

@@ -17,10 +17,13 @@ class ImageBatch:
         images: ``(B, 3, H, W)`` ``uint8`` RGB (cheap to move to the device; tasks turn it
             into float in [0, 1] there).
         index: ``(B,)`` ``int64`` index of each image in its source (for tracing samples).
+        skipped: files the worker found undecodable while making this batch (each was replaced
+            by the next good image, warned about once and is avoided from then on).
     """
 
     images: Tensor
     index: Tensor
+    skipped: int = 0
 
     @staticmethod
     def collate(samples: list[tuple[Tensor, int]]) -> ImageBatch:
@@ -46,12 +49,15 @@ class ClipBatch:
             source's frame window (the video's first frame unless the source uses a ``frame_range``).
         masks: ``(B, 1, H, W)`` ``uint8`` (0/1) precomputed motion masks of each clip's key frame
             (frame ``T // 2``), cropped like the frames, when the source provides masks; else ``None``.
+        skipped: videos the worker found undecodable while making this batch (replaced by the
+            next good one, warned about once and avoided from then on).
     """
 
     clips: Tensor
     index: Tensor
     start: Tensor
     masks: Tensor | None = None
+    skipped: int = 0
 
     @property
     def key_frame(self) -> int:

@@ -5,17 +5,19 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.seed import pl_worker_init_function
 from lightning.pytorch.utilities import CombinedLoader
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from mtssl_lightning.data.batch import ClipBatch, DataRequest, ImageBatch
+from mtssl_lightning.data.batch import DataRequest
 from mtssl_lightning.data.datasets import CropDataset
-from mtssl_lightning.data.sources import ImageFolder, ImageSource, SampleImages
+from mtssl_lightning.data.sources import ImageCheck, ImageFolder, ImageSource, SampleImages
 from mtssl_lightning.data.video import (
     VIDEO_EXTENSIONS,
     ClipDataset,
@@ -43,6 +45,20 @@ class IdleLoader:
 
     def __iter__(self) -> Iterator[None]:
         return iter([None] * self.length)
+
+
+def init_worker(worker_id: int) -> None:
+    """DataLoader worker start-up: ignore SIGTERM, and seed like Lightning when it is asked to.
+
+    A pre-emption (SLURM, Kubernetes) sends SIGTERM to every process of the job. Workers that
+    died of it would make the main process fail while it saves its pre-emption checkpoint; so
+    they ignore it, and the main process shuts them down after saving. Setting a
+    ``worker_init_fn`` stops Lightning from adding its own, so its seeding
+    (``seed_everything(workers=True)``, which LightningCLI uses) is done here.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if int(os.environ.get("PL_SEED_WORKERS", "0")):
+        pl_worker_init_function(worker_id)
 
 
 def open_video_source(root: str, frame_range: tuple[float, float] = (0.0, 1.0)) -> VideoSource:
@@ -82,6 +98,12 @@ class MultiTaskDataModule(pl.LightningDataModule):
         video_val_root: separate validation videos; ``None`` holds out the last
             ``video_val_fraction`` of every video's frames (a split in time).
         video_val_fraction: share of each video's frames held out when ``video_val_root`` is not given.
+        image_check: how image folders are screened before training (main process, every
+            file): ``header`` (default: opens each file's header — catches empty files,
+            non-images, unknown formats), ``decode`` (decodes every image — also catches
+            truncated or corrupt pixel data; slow on large folders) or ``none``. Files that pass
+            and still fail to decode are skipped by the workers (a warning each, counted in
+            ``train/skipped_files``). Videos are always probed (frame counts are needed).
         steps_per_epoch: training batches per epoch (every task gets that many); ``None`` =
             one pass over the training images at the largest task batch size.
         val_samples: validation crops (or clips) per task (fixed crops of the validation images,
@@ -102,6 +124,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
         video_root: str | None = None,
         video_val_root: str | None = None,
         video_val_fraction: float = 0.2,
+        image_check: ImageCheck = "header",
         steps_per_epoch: int | None = None,
         val_samples: int | None = None,
         min_scale: float = 0.2,
@@ -117,6 +140,9 @@ class MultiTaskDataModule(pl.LightningDataModule):
             raise ValueError(f"`steps_per_epoch` must be >= 1, got {steps_per_epoch}")
         if not 0.0 < video_val_fraction < 1.0:
             raise ValueError(f"`video_val_fraction` must be in (0, 1), got {video_val_fraction}")
+        if image_check not in ("header", "decode", "none"):
+            raise ValueError(f"`image_check` must be 'header', 'decode' or 'none', got {image_check!r}")
+        self.image_check = image_check
         self.image_root, self.val_root, self.val_fraction = image_root, val_root, val_fraction
         self.video_root, self.video_val_root, self.video_val_fraction = video_root, video_val_root, video_val_fraction
         self.steps_per_epoch, self.val_samples = steps_per_epoch, val_samples
@@ -160,9 +186,12 @@ class MultiTaskDataModule(pl.LightningDataModule):
         if self.image_root is None:
             self.train_images, self.val_images = SampleImages("train"), SampleImages("val")
         elif self.val_root is not None:
-            self.train_images, self.val_images = ImageFolder(self.image_root), ImageFolder(self.val_root)
+            # screened before any worker starts: unusable files are warned about and counted here
+            self.train_images = ImageFolder(self.image_root).check(self.image_check)
+            self.val_images = ImageFolder(self.val_root).check(self.image_check)
         else:
-            self.train_images, self.val_images = ImageFolder(self.image_root).split(self.val_fraction)
+            # the split hashes names, so screening first never moves a good image between the splits
+            self.train_images, self.val_images = ImageFolder(self.image_root).check(self.image_check).split(self.val_fraction)
         log.info("training on %s; validating on %s", self.train_images.describe(), self.val_images.describe())
 
     def _setup_videos(self, video_tasks: list[str]) -> None:
@@ -196,7 +225,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
         """Default samples per pass: one crop per image, :data:`CLIPS_PER_VIDEO` clips per video."""
         return len(source) * (CLIPS_PER_VIDEO if isinstance(source, VideoSource) else 1)
 
-    def _dataset(self, request: DataRequest, length: int | None, train: bool) -> Dataset:
+    def _dataset(self, request: DataRequest, length: int | None, train: bool) -> CropDataset | ClipDataset:
         """Crops of the images, or clips of the videos, for one task (``length`` ``None`` = :meth:`_samples_in`).
 
         A validation set whose last batch would hold a single sample loses that sample: a batch
@@ -213,8 +242,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
             )
         return CropDataset(source, request.image_size, length, train, self.min_scale, self.seed)
 
-    def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
-        collate: Callable = ClipBatch.collate if isinstance(dataset, ClipDataset) else ImageBatch.collate
+    def _loader(self, dataset: CropDataset | ClipDataset, batch_size: int, train: bool) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=batch_size,
@@ -223,7 +251,8 @@ class MultiTaskDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available() if self.pin_memory is None else self.pin_memory,
-            collate_fn=collate,
+            collate_fn=dataset.collate,  # counts the files the worker had to skip
+            worker_init_fn=init_worker,
         )
 
     def train_dataloader(self) -> CombinedLoader:

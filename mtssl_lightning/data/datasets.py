@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from mtssl_lightning.data.batch import ImageBatch
 from mtssl_lightning.data.sources import ImageSource
 
 
@@ -73,9 +74,20 @@ class CropDataset(Dataset):
         self.length = length if length is not None else len(source)
         self.min_scale, self.seed = min_scale, seed
         self.bad: set[int] = set()  # per worker process: images that failed to decode
+        self.newly_bad = 0  # per worker process: bad images met since the last collate
 
     def __len__(self) -> int:
         return self.length
+
+    def collate(self, samples: list[tuple[torch.Tensor, int]]) -> ImageBatch:
+        """:meth:`ImageBatch.collate` plus the count of files found bad for this batch.
+
+        Runs in the worker that loaded ``samples`` (right after them), so the counter it reads
+        and resets covers exactly this batch.
+        """
+        batch = ImageBatch.collate(samples)
+        batch.skipped, self.newly_bad = self.newly_bad, 0
+        return batch
 
     def _load(self, i: int) -> tuple[Image.Image, int]:
         """Load image ``i``, or the next decodable one, warning once per bad file."""
@@ -88,6 +100,7 @@ class CropDataset(Dataset):
                 return self.source.load(j), j
             except Exception as err:  # noqa: BLE001 - any decoder error means "skip this file"
                 self.bad.add(j)
+                self.newly_bad += 1
                 warnings.warn(f"skipping unreadable image {self.source.names[j]!r}: {err}", stacklevel=2)
         raise RuntimeError(f"none of the {n} images in {self.source.describe()} could be decoded")
 

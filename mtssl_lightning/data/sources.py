@@ -1,22 +1,95 @@
 """Image sources: where pictures come from (a folder tree, or the bundled sample photos).
 
-A source is a list of named items with a ``load(i)`` that returns a PIL RGB image. Decoding
-happens in DataLoader workers; unreadable files are skipped with a warning (see
-:class:`~mtssl_lightning.data.datasets.CropDataset`). Video sources come with the
-motion-segmentation task and follow the same pattern.
+A source is a list of named items with a ``load(i)`` that returns a PIL RGB image. Bad files
+are dealt with twice: :meth:`ImageSource.check` screens every file in the main process before
+training (one warning per unusable file, one count in the log, an error naming the folder when
+nothing is usable), and the DataLoader workers skip any file that still fails to decode (a
+warning each, counted in ``train/skipped_files``; see
+:class:`~mtssl_lightning.data.datasets.CropDataset`). Video sources follow the same pattern.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Literal
 
 from PIL import Image, ImageOps
 
 from mtssl_lightning.data.sample import SAMPLE_VAL_NAMES, sample_images
 
+log = logging.getLogger(__name__)
+
+#: how :meth:`ImageSource.check` screens files: ``header`` opens each file and parses its header
+#: (catches empty files, non-images, unknown formats; fast), ``decode`` decodes every image fully
+#: (also catches truncated and corrupt pixel data; slow on large folders), ``none`` skips the check
+ImageCheck = Literal["header", "decode", "none"]
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
+
+
+def screen(
+    names: list[str],
+    reasons: dict[int, str],
+    kind: str,
+    where: str,
+    fix: str,
+    warned: set[int] | None = None,
+    log_count: bool = True,
+) -> list[int]:
+    """Report the unusable items of a source and return the indices of the usable ones.
+
+    One ``UserWarning`` per unusable item (naming it and the reason; items already in
+    ``warned`` are not warned about again), one log line with the count, and a ``ValueError``
+    naming the source, the first reasons and ``fix`` when nothing is usable.
+
+    Args:
+        names: every item's name.
+        reasons: ``{index: why it is unusable}``.
+        kind: ``"images"`` or ``"videos"`` (used in the messages).
+        where: the source, as :meth:`describe` says it.
+        fix: what the user should do when nothing is usable.
+        warned: indices already warned about (updated in place).
+        log_count: log the count (off when the same source was already reported).
+    """
+    warned = set() if warned is None else warned
+    for i, reason in reasons.items():
+        if i not in warned:
+            warned.add(i)
+            warnings.warn(f"skipping {kind[:-1]} {names[i]!r} of {where}: {reason}", stacklevel=3)
+    usable = [i for i in range(len(names)) if i not in reasons]
+    if not usable:
+        shown = "; ".join(f"{names[i]!r}: {r}" for i, r in list(reasons.items())[:5])
+        more = f" (and {len(reasons) - 5} more)" if len(reasons) > 5 else ""
+        raise ValueError(f"none of the {len(names)} {kind} of {where} is usable: {shown}{more}. {fix}")
+    if reasons and log_count:
+        log.warning("%d of %d %s of %s skipped as unusable; training on %d", len(reasons), len(names), kind, where, len(usable))
+    return usable
+
+
+def probe_image(path: Path, mode: ImageCheck = "header") -> str | None:
+    """Why the image file at ``path`` is unusable, or ``None`` when it is fine.
+
+    ``header`` parses the header only (size and format); ``decode`` also decodes the pixels and
+    converts them to RGB, as training would.
+    """
+    try:
+        if path.stat().st_size == 0:
+            return "empty file (0 bytes)"
+        with Image.open(path) as image:
+            width, height = image.size
+            if width < 1 or height < 1:
+                return f"image has no pixels ({width}x{height})"
+            if mode == "decode":
+                image.load()
+                to_rgb(image)
+    except Exception as err:  # noqa: BLE001 - any failure means "unusable", and the reason is reported
+        return f"unreadable ({type(err).__name__}: {err})"
+    return None
 
 
 class ImageSource:
@@ -26,6 +99,17 @@ class ImageSource:
 
     def __len__(self) -> int:
         return len(self.names)
+
+    def check(self, mode: ImageCheck = "header") -> ImageSource:
+        """This source without its unusable files (screened in the main process, before training).
+
+        Warns once per unusable file (name and reason) and logs the count; ``mode`` says how
+        hard to look (:data:`ImageCheck`). Sources held in memory are always usable.
+
+        Raises:
+            ValueError: no file is usable (the message names the source, the reasons and the fix).
+        """
+        return self
 
     def load(self, i: int) -> Image.Image:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -80,6 +164,21 @@ class ImageFolder(ImageSource):
 
     def describe(self) -> str:
         return f"{len(self)} images under {self.root}"
+
+    def check(self, mode: ImageCheck = "header") -> ImageFolder:
+        if mode == "none":
+            return self
+        if mode not in ("header", "decode"):
+            raise ValueError(f"`image_check` must be 'header', 'decode' or 'none', got {mode!r}")
+        # threads: opening files is I/O bound (network file systems), and PIL decodes without the GIL
+        with ThreadPoolExecutor(max_workers=min(16, (os.cpu_count() or 1) * 4)) as pool:
+            found = list(pool.map(lambda name: probe_image(self.root / name, mode), self.names))
+        reasons = {i: reason for i, reason in enumerate(found) if reason is not None}
+        if not reasons:
+            return self
+        fix = "Add readable images (JPEG, PNG, WebP, …) to the folder, or point `data.image_root` elsewhere."
+        usable = screen(self.names, reasons, "images", self.describe(), fix)
+        return ImageFolder(self.root, [self.names[i] for i in usable])
 
     def split(self, val_fraction: float) -> tuple[ImageFolder, ImageFolder]:
         """Deterministic train/val split by a hash of each relative path.

@@ -31,9 +31,10 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from mtssl_lightning.data.batch import ClipBatch
 from mtssl_lightning.data.datasets import random_resized_box
 from mtssl_lightning.data.sample import sample_video_path
-from mtssl_lightning.data.sources import find_files, to_rgb
+from mtssl_lightning.data.sources import find_files, screen, to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -124,31 +125,19 @@ class VideoSource:
         Raises:
             ValueError: no video is usable (the message names the folder and the fix).
         """
-        warned: set[int] = self.__dict__.setdefault("_warned", set())
-        usable, reasons = [], {}
+        reasons = {}
         for i in range(len(self)):
             n = self._probe_cached(i)
             if isinstance(n, Exception):
-                reason = f"unreadable ({type(n).__name__}: {n})"
+                reasons[i] = f"unreadable ({type(n).__name__}: {n})"
             elif n < min_frames:
-                reason = f"too short: clips need {min_frames} frames, found {n}"
-            else:
-                usable.append(i)
-                continue
-            reasons[i] = reason
-            if i not in warned:  # once per video, even when several datasets share the source
-                warned.add(i)
-                warnings.warn(f"skipping video {self.names[i]!r} of {self.describe()}: {reason}", stacklevel=2)
-        if reasons and usable and not self.__dict__.get("_counted"):
-            self.__dict__["_counted"] = True  # the count once per source, like the warnings
-            log.warning("%d of %d videos of %s skipped as unusable; training on %d", len(reasons), len(self), self.describe(), len(usable))
-        if not usable:
-            shown = "; ".join(f"{self.names[i]!r}: {r}" for i, r in list(reasons.items())[:5])
-            more = f" (and {len(reasons) - 5} more)" if len(reasons) > 5 else ""
-            raise ValueError(
-                f"none of the {len(self)} videos of {self.describe()} is usable: {shown}{more}. "
-                f"Add readable videos with at least {min_frames} frames, or lower `clip_length` / `frame_stride`."
-            )
+                reasons[i] = f"too short: clips need {min_frames} frames, found {n}"
+        # one warning per video and one count per clip span, even when several datasets share the source
+        counted: set[int] = self.__dict__.setdefault("_counted", set())
+        fix = f"Add readable videos with at least {min_frames} frames, or lower `clip_length` / `frame_stride`."
+        warned: set[int] = self.__dict__.setdefault("_warned", set())
+        usable = screen(self.names, reasons, "videos", self.describe(), fix, warned, log_count=min_frames not in counted)
+        counted.add(min_frames)
         return usable
 
     def _check_clip(self, i: int, start: int, length: int, stride: int) -> None:
@@ -532,9 +521,16 @@ class ClipDataset(Dataset):
         self.length = length if length is not None else len(self.videos)
         self.min_scale, self.seed = min_scale, seed
         self.bad: set[int] = set()  # per worker process: videos that failed to decode
+        self.newly_bad = 0  # per worker process: bad videos met since the last collate
 
     def __len__(self) -> int:
         return self.length
+
+    def collate(self, samples: list[tuple[torch.Tensor, int, int, torch.Tensor | None]]) -> ClipBatch:
+        """:meth:`ClipBatch.collate` plus the count of videos found bad for this batch (in the worker)."""
+        batch = ClipBatch.collate(samples)
+        batch.skipped, self.newly_bad = self.newly_bad, 0
+        return batch
 
     def _read(self, k: int, generator: torch.Generator | None) -> tuple[np.ndarray, np.ndarray | None, int, int]:
         """Clip of usable video ``k``, or of the next readable one, warning once per bad video.
@@ -558,6 +554,7 @@ class ClipDataset(Dataset):
                 return frames, mask, j, start
             except Exception as err:
                 self.bad.add(j)
+                self.newly_bad += 1
                 warnings.warn(f"skipping unreadable video {self.source.names[j]!r}: {err}", stacklevel=2)
         raise RuntimeError(f"none of the {n} usable videos of {self.source.describe()} could be decoded (see the warnings)")
 

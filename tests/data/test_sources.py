@@ -135,3 +135,107 @@ def test_datamodule_gives_clips_of_the_sample_video_split_in_time():
     assert sum(len(v) for v in val) == 8  # 8 fixed clips per validation video by default
     again = [b["ms"] for b, *_ in dm.val_dataloader() if b["ms"] is not None]
     assert all(torch.equal(a.clips, b.clips) for a, b in zip(val, again))  # the same every epoch
+
+
+# ---------------------------------------------------------------------------------------------
+# A folder as real collections have it: odd modes, EXIF rotation, extreme sizes, broken files.
+
+
+def _messy_folder(root):
+    """Good images in every awkward form, plus four broken files; returns the broken names."""
+    rng = np.random.default_rng(1)
+    root.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)).save(root / "rgb.jpg")
+    Image.fromarray(np.full((50, 50), 77, np.uint8)).save(root / "grey.png")
+    Image.fromarray(np.full((50, 50, 4), (10, 200, 30, 128), np.uint8), "RGBA").save(root / "rgba.png")
+    Image.fromarray(rng.integers(0, 255, (50, 50, 3), dtype=np.uint8)).convert("P").save(root / "palette.gif")
+    Image.new("CMYK", (50, 50), (0, 255, 255, 0)).save(root / "cmyk.jpg")  # pure red in CMYK
+    Image.fromarray(np.full((50, 50), 32768, np.uint16)).save(root / "sixteen.png")  # 16-bit grey, half scale
+    rotated = np.zeros((20, 40, 3), np.uint8)
+    rotated[:, :20] = (255, 0, 0)  # left half red: shown after a 90° clockwise turn, red is on top
+    exif = Image.Exif()
+    exif[0x0112] = 6  # EXIF orientation "rotate 90° CW to display", as phones write it
+    Image.fromarray(rotated).save(root / "phone.jpg", exif=exif, quality=95)
+    Image.fromarray(np.full((3, 4, 3), 200, np.uint8)).save(root / "tiny.png")
+    Image.fromarray(rng.integers(0, 255, (2000, 3000, 3), dtype=np.uint8)).save(root / "huge.jpg", quality=50)
+    good = root / "rgb.jpg"
+    (root / "corrupt.jpg").write_bytes(good.read_bytes()[:200] + bytes(rng.integers(0, 255, 4000, dtype=np.uint8)))
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(root / "big.png")
+    (root / "truncated.png").write_bytes((root / "big.png").read_bytes()[:2000])
+    (root / "empty.jpg").write_bytes(b"")
+    (root / "notes.jpg").write_text("this is a text file with an image suffix")
+    return {"corrupt.jpg", "truncated.png", "empty.jpg", "notes.jpg"}
+
+
+def _loaded(source, name):
+    return np.asarray(source.load(source.names.index(name)))
+
+
+def test_awkward_images_are_converted_to_rgb(tmp_path):
+    _messy_folder(tmp_path)
+    source = ImageFolder(tmp_path).check("decode")
+    assert np.all(_loaded(source, "grey.png") == 77)  # grey -> R = G = B
+    assert tuple(_loaded(source, "rgba.png")[0, 0]) == (10, 200, 30)  # alpha dropped
+    assert _loaded(source, "palette.gif").shape == (50, 50, 3)
+    red = _loaded(source, "cmyk.jpg").reshape(-1, 3).mean(0)
+    assert red[0] > 200 and red[1] < 60 and red[2] < 60  # CMYK red stays red
+    assert np.all(np.abs(_loaded(source, "sixteen.png").astype(int) - 128) <= 1)  # scaled, not clipped to 255
+    phone = _loaded(source, "phone.jpg").astype(int)
+    assert phone.shape == (40, 20, 3)  # EXIF orientation applied: portrait
+    assert phone[:18, :, 0].mean() > 200 and phone[22:, :, 0].mean() < 50  # red on top
+    # far smaller and far larger than the crop: both give crops of the requested size
+    dataset = CropDataset(source, size=48, train=True)
+    for name in ("tiny.png", "huge.jpg"):
+        image, index = dataset[source.names.index(name)]
+        assert image.shape == (3, 48, 48) and source.names[index] == name
+
+
+def test_check_skips_each_bad_file_with_one_warning_and_logs_the_count(tmp_path, caplog):
+    broken = _messy_folder(tmp_path)
+    total = len(ImageFolder(tmp_path))
+    with pytest.warns(UserWarning) as record, caplog.at_level("WARNING"):
+        source = ImageFolder(tmp_path).check("decode")
+    warned = [str(w.message) for w in record if "skipping image" in str(w.message)]
+    for name in broken:
+        assert sum(name in m for m in warned) == 1, (name, warned)
+    assert len(warned) == len(broken) and set(source.names) == set(ImageFolder(tmp_path).names) - broken
+    assert f"{len(broken)} of {total} images" in caplog.text
+    # the cheap header check catches the files that are not images at all ...
+    with pytest.warns(UserWarning):
+        header_checked = ImageFolder(tmp_path).check("header")
+    assert {"empty.jpg", "notes.jpg"}.isdisjoint(header_checked.names)
+    # ... and the workers skip the ones whose pixel data is broken, counting them per batch
+    assert {"corrupt.jpg", "truncated.png"} <= set(header_checked.names)
+    dataset = CropDataset(header_checked, size=32, length=len(header_checked), train=True)
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        batches = [dataset.collate([dataset[i] for i in range(k, min(k + 4, len(dataset)))]) for k in range(0, len(dataset), 4)]
+    assert sum(b.skipped for b in batches) == 2
+    assert all(header_checked.names[int(i)] not in broken for b in batches for i in b.index)
+
+
+def test_a_folder_without_one_usable_image_fails_before_training(tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "empty.jpg").write_bytes(b"")
+    (bad / "notes.png").write_text("not a png")
+    dm = MultiTaskDataModule(image_root=str(bad), num_workers=0, requests={"a": DataRequest(batch_size=2, image_size=32)})
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"none of the 2 images .*bad.*Add readable images"):
+        dm.setup("fit")
+
+
+def test_training_counts_the_files_workers_skipped(tmp_path):
+    import lightning.pytorch as pl
+    from toy_tasks import Brightness
+
+    from mtssl_lightning import MultiTaskSSL
+    from mtssl_lightning.trunks import ResNetV2
+
+    _messy_folder(tmp_path / "images")
+    (tmp_path / "images" / "huge.jpg").unlink()  # keeps the test quick
+    model = MultiTaskSSL({"b": Brightness(batch_size=4, image_size=32)}, ResNetV2("tiny", width=0.125))
+    dm = MultiTaskDataModule(image_root=str(tmp_path / "images"), val_root=str(tmp_path / "images"), num_workers=0, steps_per_epoch=3)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0)
+    with pytest.warns(UserWarning, match="skipping"):
+        trainer.fit(model, dm)
+    # header check: empty.jpg and notes.jpg screened out; corrupt.jpg and truncated.png met by the (one) worker
+    assert trainer.callback_metrics["train/skipped_files"].item() == 2

@@ -1,0 +1,5 @@
+"""Lightning callbacks of the project (added by ``mtssl`` to every run; usable in Python too)."""
+
+from mtssl_lightning.callbacks.preemption import PreemptionCheckpoint
+
+__all__ = ["PreemptionCheckpoint"]
