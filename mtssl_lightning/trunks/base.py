@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -49,6 +52,20 @@ class Trunk(nn.Module):
 
     def forward(self, x: Tensor) -> TrunkOutput:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+def apply_speed_options(trunk: nn.Module, device: torch.device, channels_last: bool, compile: bool) -> None:
+    """On CUDA: channels-last memory format and/or ``torch.compile`` of ``trunk``, in place
+    (``nn.Module.compile`` keeps parameter names, so checkpoints do not change). On any other
+    device nothing happens: compilation costs more than it saves on a CPU."""
+    if device.type != "cuda":
+        if channels_last or compile:
+            log.info("channels_last / compile are CUDA options; running the trunk as is on %s", device)
+        return
+    if channels_last:
+        trunk.to(memory_format=torch.channels_last)
+    if compile:
+        trunk.compile()
 
 
 class PixelNormalize(nn.Module):
