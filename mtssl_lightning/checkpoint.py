@@ -13,6 +13,8 @@ from torch import nn
 from mtssl_lightning.trunks.base import Trunk
 
 TRUNK_PREFIX = "trunk."
+#: checkpoint key naming the state-dict prefix of the trunk's weights (default ``TRUNK_PREFIX``)
+TRUNK_PREFIX_KEY = "trunk_prefix"
 
 
 def _read(path: str | os.PathLike) -> dict[str, Any]:
@@ -55,8 +57,9 @@ def load_trunk(checkpoint_path: str | os.PathLike, strict: bool = True) -> nn.Mo
     spec = data["trunk_spec"]
     trunk = _trunk_class(spec["class_path"])(**spec["init_args"])
     state = data["state_dict"]
-    if any(k.startswith(TRUNK_PREFIX) for k in state):  # a Lightning checkpoint of the whole model
-        state = {k[len(TRUNK_PREFIX):]: v for k, v in state.items() if k.startswith(TRUNK_PREFIX)}
+    prefix = data.get(TRUNK_PREFIX_KEY, TRUNK_PREFIX)  # evaluation modules keep it deeper, e.g. "representation.trunk."
+    if any(k.startswith(prefix) for k in state):  # a Lightning checkpoint of the whole model
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     result = trunk.load_state_dict(state, strict=False)
     if strict and (result.missing_keys or result.unexpected_keys):
         raise ValueError(

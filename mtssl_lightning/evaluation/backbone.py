@@ -15,11 +15,11 @@ Lightning calls ``.train()`` on the module around it, so its BN running statisti
 from __future__ import annotations
 
 import os
-from typing import Literal
+from typing import Any, Literal
 
 from torch import Tensor, nn
 
-from mtssl_lightning.checkpoint import load_trunk
+from mtssl_lightning.checkpoint import TRUNK_PREFIX_KEY, load_trunk
 from mtssl_lightning.trunks.base import Trunk
 from mtssl_lightning.trunks.lasso import UnitMixer
 
@@ -90,3 +90,15 @@ class TrunkRepresentation(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         out = self.trunk(images)
         return out.features if self.mixer is None else self.mixer(out.units)
+
+
+class SavesTrunkSpec:
+    """Mixin for evaluation LightningModules with a ``trunk`` property: their checkpoints record
+    how to rebuild the trunk and where its weights sit, so :func:`~mtssl_lightning.load_trunk`
+    reads a fine-tuned trunk back (e.g. a supervised baseline to evaluate like any other)."""
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trunk = self.trunk  # type: ignore[attr-defined]
+        name = next(name for name, module in self.named_modules() if module is trunk)  # type: ignore[attr-defined]
+        checkpoint["trunk_spec"] = trunk.spec()
+        checkpoint[TRUNK_PREFIX_KEY] = f"{name}."

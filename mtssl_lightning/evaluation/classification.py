@@ -54,7 +54,7 @@ from torchvision import datasets as tv_datasets
 from torchvision.transforms import v2 as T
 
 from mtssl_lightning.data.sources import IMAGE_EXTENSIONS, find_files, to_rgb
-from mtssl_lightning.evaluation.backbone import Representation, TrunkRepresentation, pretrained_trunk
+from mtssl_lightning.evaluation.backbone import Representation, SavesTrunkSpec, TrunkRepresentation, pretrained_trunk
 from mtssl_lightning.trunks.base import Trunk
 
 log = logging.getLogger(__name__)
@@ -584,7 +584,7 @@ def linear_probe(channels: int, num_classes: int, pool_size: int = 1, bn: bool =
 STAGES = ("train", "val", "test")
 
 
-class ImageClassifier(pl.LightningModule):
+class ImageClassifier(SavesTrunkSpec, pl.LightningModule):
     """Classification on the (pretrained) trunk: linear probe (``frozen: true``) or fine-tuning.
 
     Args:

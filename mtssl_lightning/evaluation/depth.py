@@ -54,7 +54,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics import Metric
 
-from mtssl_lightning.evaluation.backbone import Representation, TrunkRepresentation, pretrained_trunk
+from mtssl_lightning.evaluation.backbone import Representation, SavesTrunkSpec, TrunkRepresentation, pretrained_trunk
 from mtssl_lightning.trunks import ResNetV2, Trunk
 from mtssl_lightning.trunks.base import apply_speed_options
 
@@ -752,7 +752,7 @@ class UpProjectionDecoder(nn.Module):
         return self.head(self.blocks(self.reduce(features)))
 
 
-class DepthEstimator(pl.LightningModule):
+class DepthEstimator(SavesTrunkSpec, pl.LightningModule):
     """NYU depth v2 transfer: trunk + up-projection decoder, berHu or L1 loss, :class:`DepthMetrics`.
 
     Args:

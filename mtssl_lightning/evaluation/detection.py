@@ -52,7 +52,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.ops import MultiScaleRoIAlign
 
-from mtssl_lightning.evaluation.backbone import TrunkRepresentation, pretrained_trunk
+from mtssl_lightning.evaluation.backbone import SavesTrunkSpec, TrunkRepresentation, pretrained_trunk
 from mtssl_lightning.trunks.base import Trunk
 
 log = logging.getLogger(__name__)
@@ -726,7 +726,7 @@ def _block4_head(trunk: Trunk) -> nn.Sequential:
     return head
 
 
-class FasterRCNNDetector(pl.LightningModule):
+class FasterRCNNDetector(SavesTrunkSpec, pl.LightningModule):
     """Faster R-CNN on the pretrained trunk: block 3 as backbone, a fresh block 4 as per-RoI head.
 
     Args:

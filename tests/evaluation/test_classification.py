@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from mtssl_lightning import load_trunk
 from mtssl_lightning.cli import run
 from mtssl_lightning.evaluation.classification import (
     ClassificationDataModule,
@@ -295,6 +296,13 @@ def test_fine_tuning_changes_the_trunk(tmp_path):
     assert not torch.equal(after["root.weight"], saved["root.weight"])
     assert not torch.equal(after["final_norm.0.running_mean"], saved["final_norm.0.running_mean"])
     assert int(after["final_norm.0.num_batches_tracked"]) == 3
+    # the fine-tuned trunk reads back with load_trunk (e.g. a supervised baseline to evaluate like the others)
+    trainer = _trainer(tmp_path, max_steps=1, limit_val_batches=0)
+    trainer.fit(model, _digits())
+    trainer.save_checkpoint(tmp_path / "finetuned.ckpt")
+    reloaded = load_trunk(tmp_path / "finetuned.ckpt").state_dict()
+    assert reloaded.keys() == model.trunk.state_dict().keys()
+    assert all(torch.equal(reloaded[k], v) for k, v in model.trunk.state_dict().items())
 
 
 def test_lasso_probe_trains_its_unit_mix_on_the_frozen_trunk():
