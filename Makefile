@@ -24,5 +24,9 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
+# every benchmark in turn; regenerates docs/benchmarks.md and docs/img/*.png (~40 min on 2 CPU cores)
+bench: install
+	$(BIN)/python -m benchmarks
+
 clean:
 	rm -rf runs wandb lightning_logs .pytest_cache

@@ -42,3 +42,51 @@ def write_section(path: Path, name: str, body: str) -> None:
         text = text.rstrip("\n") + "\n\n" + block
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
+
+
+IMAGE_DIR = DEFAULT_OUTPUT.parent / "img"
+
+
+def bar_chart(
+    name: str,
+    labels: list[str],
+    values: list[float],
+    title: str,
+    xlabel: str,
+    low: list[float] | None = None,
+    high: list[float] | None = None,
+    reference: float | None = None,
+    reference_label: str = "",
+    log: bool = False,
+    output: Path = DEFAULT_OUTPUT,
+) -> str:
+    """Draw a horizontal bar chart to ``<output's folder>/img/<name>.png`` and return the Markdown
+    that shows it (relative to ``output``). ``low``/``high``: the range drawn as error bars;
+    ``reference``: a vertical line (e.g. 1.0 for ratios, or a target)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 0.45 * len(labels) + 1.4), dpi=110)
+    positions = list(range(len(labels)))[::-1]
+    errors = None
+    if low is not None and high is not None:
+        errors = [[v - lo for v, lo in zip(values, low)], [hi - v for v, hi in zip(values, high)]]
+    ax.barh(positions, values, xerr=errors, color="tab:blue", alpha=0.8, capsize=3)
+    ax.set_yticks(positions, labels, fontsize=8)
+    if reference is not None:
+        ax.axvline(reference, color="tab:red", linestyle="--", linewidth=1, label=reference_label or None)
+        if reference_label:
+            ax.legend(fontsize=8, loc="lower right")
+    if log:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    path = output.parent / "img" / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return f"![{title}]({os.path.relpath(path, output.parent)})"

@@ -45,7 +45,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from _report import DEFAULT_OUTPUT, command_line, machine, write_section
+from _report import DEFAULT_OUTPUT, bar_chart, command_line, machine, write_section
 from mtssl_lightning.data.batch import ImageBatch
 from mtssl_lightning.data.datasets import CropDataset
 from mtssl_lightning.data.sources import ImageSource, SampleImages
@@ -345,7 +345,16 @@ def render(
             f"| {case.name}: {case.description} | {shape} | {ours.cell()} | {baseline.cell()} | "
             f"**{ours.median / baseline.median:.2f}×** | {loader.cell()} | {loader.median / baseline.median:.2f}× |"
         )
-    lines.append("")
+    lines += ["", bar_chart(
+        "input_pipeline",
+        [f"{case.name} ({kind})" for case, *_ in results for kind in ("ours", "loader only")],
+        [m.median / baseline.median for _, ours, baseline, loader in results for m in (ours, loader)],
+        "Input pipeline: images/s relative to the per-sample torchvision baseline",
+        "× baseline (median; bars: min–max over runs against the baseline's median)",
+        low=[min(m.rates) / baseline.median for _, ours, baseline, loader in results for m in (ours, loader)],
+        high=[max(m.rates) / baseline.median for _, ours, baseline, loader in results for m in (ours, loader)],
+        reference=1.0, reference_label="baseline", output=args.output,
+    ), ""]
     if shares is None:
         lines.append(
             "Device share: skipped, no CUDA device (the build vs `ResNetV2(\"v2_101\")` training-step "

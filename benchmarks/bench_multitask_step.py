@@ -32,7 +32,7 @@ from contextlib import contextmanager
 
 import torch
 
-from _report import DEFAULT_OUTPUT, command_line, machine, write_section
+from _report import DEFAULT_OUTPUT, bar_chart, command_line, machine, write_section
 from mtssl_lightning import MultiTaskSSL
 from mtssl_lightning.data.batch import ClipBatch, ImageBatch
 from mtssl_lightning.data.datasets import CropDataset
@@ -217,6 +217,14 @@ def main(argv: list[str] | None = None) -> None:
         f"| {m} | {c} | {a:.0f} | {b:.0f} | **{r:.3f}** ({lo:.2f}–{hi:.2f}) | {s1} | {s2} | {s3} | {c1} | {c2} |"
         for m, c, a, b, r, lo, hi, s1, s2, s3, c1, c2 in rows
     ]
+    lines += ["", bar_chart(
+        "multitask_step",
+        [f"{row[0]} mixing, {row[1]}" for row in rows],
+        [row[4] for row in rows],
+        "Four-task step time / Σ single-task step times",
+        "ratio (median; bars: range over rounds)",
+        low=[row[5] for row in rows], high=[row[6] for row in rows], reference=1.05, reference_label="target ≤ 1.05",
+    )]
     body = "\n".join(lines) + "\n"
     print(body)
     if not args.no_write:

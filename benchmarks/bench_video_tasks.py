@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from _report import DEFAULT_OUTPUT, command_line, machine, write_section
+from _report import DEFAULT_OUTPUT, bar_chart, command_line, machine, write_section
 from mtssl_lightning.data.batch import ClipBatch
 from mtssl_lightning.data.datasets import CropDataset
 from mtssl_lightning.data.motion import motion_masks
@@ -74,8 +74,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    rows = []
+    rows, sizes = [], []  # sizes: the crop side of each row (for the chart's labels)
     for size in args.sizes:
+        sizes += [size] * 3
         clips = ClipDataset(SampleVideos("train"), size, clip_length=5, frame_stride=2, length=args.clips, train=False)
         batch = ClipBatch.collate([clips[i] for i in range(args.clips)])
         video = batch.clips.to(device).float() / 255
@@ -114,6 +115,14 @@ def main(argv: list[str] | None = None) -> None:
         "|---|---|---:|",
     ]
     lines += [f"| {what} | {unit} | {cell(r)} |" for what, unit, r in rows]
+    lines += ["", bar_chart(
+        "video_tasks",
+        [f"{what.split(',')[0].split(' (')[0]} ({unit}), {size}²" for (what, unit, _), size in zip(rows, sizes)],
+        [statistics.median(r) for _, _, r in rows],
+        f"Video-task throughput on {where}",
+        "items per second (median; bars: min–max), log scale",
+        low=[min(r) for _, _, r in rows], high=[max(r) for _, _, r in rows], log=True, output=args.output,
+    )]
     body = "\n".join(lines) + "\n"
     print(body)
     if not args.no_write:

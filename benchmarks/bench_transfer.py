@@ -1,0 +1,260 @@
+"""A small transfer benchmark that runs on a CPU: does self-supervised pretraining on the sample
+data help a linear probe, kNN and fine-tuning on a real labelled set?
+
+Protocol (every number from this one run):
+
+1. **Pretrain** a ResNet-v2-26 at width 0.25 (the quickstart's trunk) on the bundled sample
+   photos and video for the same number of steps under each condition: no pretraining
+   (random init), each single task (RP, Col, Ex, MS) and all four tasks together (the
+   quickstart's task settings, Adam 1e-3, ``combine: sum``). "Same budget" = the same number of
+   steps; the four-task run therefore does ~4× the work of a single task per step.
+2. **Probe** the frozen trunk on scikit-learn's bundled digits (1797 real 8×8 scans of
+   handwritten digits, 10 classes, upsampled to 64 px; the fixed stratified 2/3–1/3 split of
+   :class:`~mtssl_lightning.evaluation.ClassificationDataModule`): a linear probe on globally
+   pooled block-3 features (BN + linear, SGD), and kNN (cosine, k=20, exp-weighted vote).
+3. **Fine-tune** the whole network from random init and from the four-task trunk and record
+   validation top-1 against steps (the paper's "self-supervised initialisation speeds up
+   training" experiment), plotted to ``docs/img/transfer_finetune.png``.
+
+Each condition runs with several seeds (pretraining and probe seeds together); the table gives
+mean ± standard deviation and says which differences from random init are within noise (less
+than two standard errors of the difference). Digits are far from the photos the trunk was
+pretrained on, and 19 photos are far from ImageNet: this checks the pipeline end to end and
+shows what such a tiny budget can and cannot do; it does not reproduce the paper's numbers.
+
+Run from the repository root (about 20–25 minutes on 2 CPU cores)::
+
+    .venv/bin/python benchmarks/bench_transfer.py            # --seeds 3 --pretrain-steps 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+from _report import DEFAULT_OUTPUT, command_line, machine, write_section
+from mtssl_lightning import MultiTaskDataModule, MultiTaskSSL
+from mtssl_lightning.evaluation import ClassificationDataModule, ImageClassifier
+from mtssl_lightning.evaluation.knn import embed, knn_predict
+from mtssl_lightning.tasks import Colorization, Exemplar, MotionSegmentation, RelativePosition
+from mtssl_lightning.trunks import ResNetV2
+
+CONDITIONS = ("random", "rp", "col", "ex", "ms", "all")
+IMAGE_SIZE = 64
+
+
+def make_tasks(names: list[str]) -> dict:
+    """The quickstart's task settings (configs/quickstart.yaml)."""
+    factories = {
+        "rp": lambda: RelativePosition(batch_size=16, patch_size=32, gap=8, jitter=3, pairs="all", colour="drop", hidden=256),
+        "col": lambda: Colorization(batch_size=16, image_size=96, head_channels=64),
+        "ex": lambda: Exemplar(batch_size=8, image_size=96, views=4, view_size=64, hidden=256),
+        "ms": lambda: MotionSegmentation(batch_size=8, image_size=96, clip_length=5, frame_stride=2, head_channels=64),
+    }
+    return {name: factories[name]() for name in names}
+
+
+def trunk() -> ResNetV2:
+    return ResNetV2("v2_26", width=0.25)
+
+
+def quiet_trainer(**kwargs) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, **kwargs,
+    )
+
+
+def pretrain(condition: str, steps: int, seed: int, folder: Path) -> Path:
+    """Pretrain under ``condition`` and export the trunk; returns the export's path."""
+    pl.seed_everything(seed, workers=True, verbose=False)
+    model_trunk = trunk()
+    if condition != "random":
+        names = list(CONDITIONS[1:5]) if condition == "all" else [condition]
+        model = MultiTaskSSL(make_tasks(names), model_trunk, optimizer=lambda p: torch.optim.Adam(p, lr=1e-3))
+        data = MultiTaskDataModule(steps_per_epoch=steps, num_workers=2)
+        quiet_trainer(max_steps=steps, limit_val_batches=0).fit(model, data)
+        model_trunk = model.trunk
+    path = folder / f"{condition}-{seed}.pt"
+    torch.save({"trunk_spec": model_trunk.spec(), "state_dict": model_trunk.state_dict()}, path)
+    return path
+
+
+def digits(seed: int) -> ClassificationDataModule:
+    return ClassificationDataModule(dataset="digits", image_size=IMAGE_SIZE, batch_size=64, num_workers=0, pin_memory=False, seed=0)
+
+
+def probe(checkpoint: Path, seed: int, epochs: int) -> tuple[float, float]:
+    """Linear-probe top-1 and kNN top-1 on the digits validation split."""
+    pl.seed_everything(seed, verbose=False)
+    model = ImageClassifier(
+        num_classes=10, checkpoint=str(checkpoint), frozen=True, bn=True,
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+    )
+    data = digits(seed)
+    trainer = quiet_trainer(max_epochs=epochs, num_sanity_val_steps=0)
+    trainer.fit(model, data)
+    top1 = float(trainer.callback_metrics["val/top1"])
+    bank, bank_labels = embed(model.trunk, data.train_eval_dataloader(), "cpu")
+    queries, labels = embed(model.trunk, data.val_dataloader(), "cpu")
+    predicted = knn_predict(queries, bank, bank_labels, k=20, temperature=0.07, num_classes=10)
+    return top1, float((predicted == labels).float().mean())
+
+
+class _Curve(pl.Callback):
+    def __init__(self) -> None:
+        self.points: list[tuple[int, float]] = []
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.points.append((trainer.global_step, float(trainer.callback_metrics["val/top1"])))
+
+
+def finetune_curve(checkpoint: Path, seed: int, steps: int, every: int) -> list[tuple[int, float]]:
+    """Validation top-1 every ``every`` steps while fine-tuning the whole network."""
+    pl.seed_everything(seed, verbose=False)
+    model = ImageClassifier(
+        num_classes=10, checkpoint=str(checkpoint), frozen=False, bn=True,
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
+    )
+    curve = _Curve()
+    trainer = quiet_trainer(max_steps=steps, val_check_interval=every, check_val_every_n_epoch=None, num_sanity_val_steps=0, callbacks=[curve])
+    trainer.fit(model, digits(seed))
+    return curve.points
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else float("nan"))
+
+
+def verdict(values: list[float], baseline: list[float]) -> str:
+    """Whether ``values`` differ from ``baseline`` by more than two standard errors of the difference."""
+    if len(values) < 2:
+        return "n/a (1 seed)"
+    (m, s), (mb, sb) = mean_std(values), mean_std(baseline)
+    se = math.sqrt(s**2 / len(values) + sb**2 / len(baseline))
+    diff = m - mb
+    if se == 0 or abs(diff) <= 2 * se:
+        return f"{diff:+.3f}, within noise"
+    return f"{diff:+.3f}, {'above' if diff > 0 else 'below'} random init"
+
+
+def plot_curves(curves: dict[str, list[list[tuple[int, float]]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    for (name, runs), colour in zip(curves.items(), ("tab:grey", "tab:blue")):
+        for run in runs:
+            steps, accs = zip(*run)
+            ax.plot(steps, accs, color=colour, alpha=0.35, linewidth=1)
+        steps = [s for s, _ in runs[0]]
+        mean = [statistics.fmean(run[i][1] for run in runs) for i in range(len(steps))]
+        ax.plot(steps, mean, color=colour, linewidth=2.5, label=f"{name} (mean of {len(runs)} seeds)")
+    ax.set_xlabel("fine-tuning step")
+    ax.set_ylabel("digits validation top-1")
+    ax.set_title("Fine-tuning the whole network: random init vs four-task pretraining")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--pretrain-steps", type=int, default=300)
+    parser.add_argument("--probe-epochs", type=int, default=3)
+    parser.add_argument("--finetune-steps", type=int, default=120)
+    parser.add_argument("--finetune-every", type=int, default=15)
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    parser.add_argument("--plot", type=Path, default=DEFAULT_OUTPUT.parent / "img" / "transfer_finetune.png")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(2)
+    started = time.perf_counter()
+    seeds = list(range(args.seeds))
+    probes: dict[str, list[float]] = {c: [] for c in CONDITIONS}
+    knns: dict[str, list[float]] = {c: [] for c in CONDITIONS}
+    pretrain_seconds: dict[str, list[float]] = {c: [] for c in CONDITIONS}
+    curves: dict[str, list] = {"random init": [], "four-task pretraining": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        for seed in seeds:
+            for condition in CONDITIONS:
+                t0 = time.perf_counter()
+                checkpoint = pretrain(condition, args.pretrain_steps, seed, folder)
+                pretrain_seconds[condition].append(time.perf_counter() - t0)
+                top1, knn = probe(checkpoint, seed, args.probe_epochs)
+                probes[condition].append(top1)
+                knns[condition].append(knn)
+                print(f"seed {seed} {condition:>6}: probe top-1 {top1:.3f}, kNN top-1 {knn:.3f}", flush=True)
+            for name, condition in (("random init", "random"), ("four-task pretraining", "all")):
+                curves[name].append(finetune_curve(folder / f"{condition}-{seed}.pt", seed, args.finetune_steps, args.finetune_every))
+    plot_curves(curves, args.plot)
+    minutes = (time.perf_counter() - started) / 60
+
+    labels = {"random": "random init (no pretraining)", "rp": "relative position", "col": "colorization",
+              "ex": "exemplar", "ms": "motion segmentation", "all": "all four tasks"}
+    lines = [
+        "## Transfer: sample-data pretraining → digits (linear probe, kNN, fine-tuning)",
+        "",
+        f"Machine: {machine()}.  ",
+        f"Command: `{command_line()}` ({minutes:.1f} min in all).  ",
+        f"Trunk ResNet-v2-26 × 0.25, pretrained {args.pretrain_steps} steps per condition on the sample photos and video "
+        f"(quickstart task settings, Adam 1e-3); probe: frozen trunk, BN + linear on pooled block 3, {args.probe_epochs} epochs "
+        f"SGD 0.1 on scikit-learn's digits at {IMAGE_SIZE} px (1198 train / 599 val); kNN: cosine, k = 20, exp-weighted. "
+        f"Mean ± std over {len(seeds)} seeds; \"vs random\" = difference of means, called within noise when it is under "
+        "two standard errors of the difference.",
+        "",
+        "| pretraining | pretrain time / seed | probe top-1 | vs random | kNN top-1 | vs random |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in CONDITIONS:
+        pm, ps = mean_std(probes[c])
+        km, ks = mean_std(knns[c])
+        vs_p = "—" if c == "random" else verdict(probes[c], probes["random"])
+        vs_k = "—" if c == "random" else verdict(knns[c], knns["random"])
+        lines.append(
+            f"| {labels[c]} | {statistics.fmean(pretrain_seconds[c]):.0f} s | {pm:.3f} ± {ps:.3f} | {vs_p} | {km:.3f} ± {ks:.3f} | {vs_k} |"
+        )
+    finals = {name: [run[-1][1] for run in runs] for name, runs in curves.items()}
+    firsts = {name: [run[0][1] for run in runs] for name, runs in curves.items()}
+    lines += [
+        "",
+        f"Fine-tuning the whole network ({args.finetune_steps} steps, SGD 0.05, validation every {args.finetune_every} steps), "
+        "digits validation top-1:",
+        "",
+        f"| initialisation | after {args.finetune_every} steps | after {args.finetune_steps} steps |",
+        "|---|---|---|",
+    ]
+    for name in curves:
+        (m1, s1), (m2, s2) = mean_std(firsts[name]), mean_std(finals[name])
+        lines.append(f"| {name} | {m1:.3f} ± {s1:.3f} | {m2:.3f} ± {s2:.3f} |")
+    lines += [
+        "",
+        f"Early gap (four-task − random after {args.finetune_every} steps): "
+        f"{verdict(firsts['four-task pretraining'], firsts['random init'])}; "
+        f"final gap: {verdict(finals['four-task pretraining'], finals['random init'])}.",
+        "",
+        f"![fine-tuning curves](img/{args.plot.name})",
+    ]
+    body = "\n".join(lines)
+    print(body)
+    write_section(args.output, "transfer", body)
+
+
+if __name__ == "__main__":
+    main()
