@@ -8,14 +8,20 @@ Pretraining configs give ``model:``/``data:`` as :class:`MultiTaskSSL` /
 from __future__ import annotations
 
 import os
+import subprocess
 import zipfile
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+import torch
+import yaml
 
-from mtssl_lightning.callbacks import PreemptionCheckpoint
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
+
+from mtssl_lightning.callbacks import PreemptionCheckpoint, TrainingDashboard
 from mtssl_lightning.data.datamodule import MultiTaskDataModule
 from mtssl_lightning.pretrain import MultiTaskSSL
 
@@ -56,6 +62,76 @@ def check_ckpt_path(ckpt_path: str | None) -> None:
         )
 
 
+def git_revision() -> str:
+    """The commit of this package's source tree (``+dirty`` with uncommitted changes), or why there is none."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (not a git checkout)"
+    return rev + ("+dirty" if dirty else "")
+
+
+#: key under which a checkpoint records the W&B run it was logged to
+WANDB_RUN_KEY = "mtssl_wandb_run_id"
+
+
+def _resolve_resume_path(ckpt_path: str | None, trainer: pl.Trainer) -> Path | None:
+    """The checkpoint file ``--ckpt_path`` means (``last``: the newest ``last*.ckpt`` of the checkpoint folders)."""
+    if ckpt_path is None or "://" in str(ckpt_path):
+        return None
+    if ckpt_path == "last":
+        found = [
+            path
+            for callback in trainer.checkpoint_callbacks
+            if isinstance(callback, ModelCheckpoint) and callback.dirpath
+            for path in Path(callback.dirpath).glob(f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}*{ModelCheckpoint.FILE_EXTENSION}")
+        ]
+        return max(found, key=lambda p: p.stat().st_mtime) if found else None
+    path = Path(ckpt_path)
+    return path if path.is_file() else None
+
+
+def continue_wandb_run(trainer: pl.Trainer, ckpt_path: str | None) -> None:
+    """Point the trainer's W&B loggers at the run recorded in the checkpoint being resumed.
+
+    Must run before anything touches ``logger.experiment`` (Lightning creates the experiment
+    when fitting starts, before any callback's ``setup``); the CLI calls it right after building
+    the Trainer. A logger given an explicit ``id`` keeps it.
+    """
+    path = _resolve_resume_path(ckpt_path, trainer)
+    if path is None:
+        return
+    # mmap: read one key of a possibly multi-GB checkpoint without loading its tensors
+    run_id = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get(WANDB_RUN_KEY)
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and run_id and logger._experiment is None and not logger._id:
+            logger._wandb_init["id"] = logger._id = run_id  # WandbLogger's own fields for a given id
+            logger._wandb_init["resume"] = "allow"
+
+
+class RunRecord(SaveConfigCallback):
+    """Saves the resolved config (``config.yaml`` in the log folder, as LightningCLI does) and
+    ties the run to W&B: the config and the git revision go into the W&B run's config, the
+    run's id goes into every checkpoint (so that :func:`continue_wandb_run` can continue that
+    W&B run when the checkpoint is resumed)."""
+
+    def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        loggers = [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+        if not loggers:
+            return
+        config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+        for logger in loggers:
+            logger.experiment.config.update({"mtssl_config": config, "git_revision": git_revision()}, allow_val_change=True)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                checkpoint[WANDB_RUN_KEY] = str(logger.version)
+                break
+
+
 class MTSSLCLI(LightningCLI):
     """LightningCLI over any LightningModule/DataModule, defaulting to :class:`MultiTaskSSL` +
     :class:`MultiTaskDataModule` (so pretraining configs need no ``class_path``); prints where
@@ -75,6 +151,19 @@ class MTSSLCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         if subcommand is not None:
             check_ckpt_path(self.config[subcommand].get("ckpt_path"))
+
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        """The configured Trainer plus, unless the config already has them, the callbacks every
+        run gets: :class:`PreemptionCheckpoint` (SIGTERM saves a checkpoint that ``--ckpt_path
+        last`` resumes) and :class:`TrainingDashboard` (learning rates, throughput, data-wait
+        share, task pictures, lasso heatmap); when resuming a fit, the W&B run of the checkpoint."""
+        trainer = super().instantiate_trainer(**kwargs)
+        for default in (PreemptionCheckpoint, TrainingDashboard):
+            if not any(isinstance(callback, default) for callback in trainer.callbacks):
+                trainer.callbacks.append(default())
+        if self.subcommand == "fit":
+            continue_wandb_run(trainer, self.config["fit"].get("ckpt_path"))
+        return trainer
 
     def after_fit(self) -> None:
         trainer = self.trainer
@@ -109,9 +198,8 @@ def run(args: list[str] | None = None) -> MTSSLCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         auto_configure_optimizers=False,  # the module owns its optimizer(s)
+        save_config_callback=RunRecord,
         save_config_kwargs={"overwrite": True},
-        # on every run: pre-emption (SIGTERM) saves a checkpoint that `--ckpt_path last` resumes
-        trainer_defaults={"callbacks": [PreemptionCheckpoint()]},
         args=args,
     )
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,6 +35,7 @@ from mtssl_lightning.data.batch import ClipBatch, DataRequest, ImageBatch, TaskB
 from mtssl_lightning.distributed.task_parallel import TaskParallelStrategy
 from mtssl_lightning.tasks.base import Task
 from mtssl_lightning.trunks import ResNetV2, Trunk
+from mtssl_lightning.trunks.base import apply_speed_options
 from mtssl_lightning.trunks.lasso import LassoInit, UnitMixer
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,10 @@ class MultiTaskSSL(pl.LightningModule):
             all ranks): ``"skip"`` the update with a warning (counted in ``train/nonfinite_skipped``;
             in alternate mode only that task's update) or ``"stop"``: save the weights from before
             the step to ``<default_root_dir>/nonfinite-last-good.ckpt`` and raise ``FloatingPointError``.
+        grad_norm_every_n_steps: every that many training steps, log ``grad_norm/<task>``: the
+            norm of each task's (weighted) loss gradient on the shared trunk, this rank's. In
+            alternate mode it is read after the task's backward (free); in sum mode it costs one
+            extra backward pass per task on those steps. 0 = never.
     """
 
     def __init__(
@@ -96,6 +102,7 @@ class MultiTaskSSL(pl.LightningModule):
         channels_last: bool = False,
         compile: bool = False,
         nonfinite: NonFinite = "skip",
+        grad_norm_every_n_steps: int = 50,
     ) -> None:
         super().__init__()
         if not tasks:
@@ -159,6 +166,11 @@ class MultiTaskSSL(pl.LightningModule):
         self.nonfinite = nonfinite
         self._nonfinite_skipped = 0
         self._skipped_files = 0  # images/videos the workers found undecodable (this rank, whole run)
+        if grad_norm_every_n_steps < 0:
+            raise ValueError(f"`grad_norm_every_n_steps` must be >= 0, got {grad_norm_every_n_steps}")
+        self.grad_norm_every_n_steps = grad_norm_every_n_steps
+        #: images (or clips) in the last training batch, over all tasks (read by TrainingDashboard)
+        self.last_batch_samples = 0
         self.automatic_optimization = combine == "sum"
         self._val_batches_seen = 0
         self._train_steps = 0  # training batches done (saved in checkpoints; drives task_ratios)
@@ -199,6 +211,7 @@ class MultiTaskSSL(pl.LightningModule):
             return batch
         if self.trainer.training:
             self._skipped_files += sum(sub.skipped for sub in batch.values() if sub is not None)
+            self.last_batch_samples = sum(len(sub) for sub in batch.values() if sub is not None)
             return self.build_task_batches(batch)
         # validation/test: fixed randomness per batch, so every epoch sees the same inputs
         seed = self.val_seed + 1_000_003 * self.global_rank + self._val_batches_seen
@@ -213,14 +226,7 @@ class MultiTaskSSL(pl.LightningModule):
 
     # ------------------------------------------------------------------- speed
     def on_fit_start(self) -> None:
-        if self.device.type != "cuda":
-            if self.channels_last or self.compile_trunk:
-                log.info("channels_last / compile are CUDA options; running the trunk as is on %s", self.device)
-            return
-        if self.channels_last:
-            self.trunk.to(memory_format=torch.channels_last)
-        if self.compile_trunk:
-            self.trunk.compile()  # in place: parameter names (and checkpoints) unchanged
+        apply_speed_options(self.trunk, self.device, self.channels_last, self.compile_trunk)
 
     # ------------------------------------------------------------------- steps
     def task_forward(self, name: str, batch: TaskBatch) -> Tensor:
@@ -250,6 +256,15 @@ class MultiTaskSSL(pl.LightningModule):
             return None
         return self.lasso_penalty * sum(self.mixers[name].penalty() for name in names)
 
+    def _grad_norm_due(self) -> bool:
+        return self.grad_norm_every_n_steps > 0 and self._train_steps % self.grad_norm_every_n_steps == 0
+
+    def _log_trunk_grad_norm(self, name: str, grads: Iterable[Tensor | None]) -> None:
+        """Log ``grad_norm/<name>``: the L2 norm over all trunk parameters of one task's gradient."""
+        norms = [g.detach().norm() for g in grads if g is not None]
+        if norms:
+            self.log(f"grad_norm/{name}", torch.linalg.vector_norm(torch.stack(norms)), on_step=True, on_epoch=False, batch_size=1)
+
     def _log_alpha(self) -> None:
         for name, mixer in self.mixers.items():
             self.log_dict({f"lasso/{name}/alpha_{u:02d}": a for u, a in enumerate(mixer.alpha.detach())}, on_step=True, on_epoch=False)
@@ -264,6 +279,9 @@ class MultiTaskSSL(pl.LightningModule):
             if sub is None:  # this task's validation loader is exhausted
                 continue
             weighted = self.tasks[name].loss_weight * self._task_loss(name, sub, stage)
+            if stage == "train" and self._grad_norm_due() and weighted.requires_grad:
+                trunk = list(self.trunk.parameters())
+                self._log_trunk_grad_norm(name, torch.autograd.grad(weighted, trunk, retain_graph=True, allow_unused=True))
             total = weighted if total is None else total + weighted
         assert total is not None, "a batch with no task sub-batch"
         self.log(f"{stage}/loss", total, batch_size=1, on_step=stage == "train", on_epoch=True)
@@ -350,6 +368,8 @@ class MultiTaskSSL(pl.LightningModule):
             if self._check_finite(loss, f"{name!r}"):
                 if loss is not None:
                     self.manual_backward(loss)
+                    if self._grad_norm_due():
+                        self._log_trunk_grad_norm(name, [p.grad for p in self.trunk.parameters()])
                 self.sync_task_gradients(name)
             if self.gradient_clip_val is not None:
                 self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")

@@ -1,5 +1,6 @@
 """Lightning callbacks of the project (added by ``mtssl`` to every run; usable in Python too)."""
 
+from mtssl_lightning.callbacks.dashboard import TrainingDashboard
 from mtssl_lightning.callbacks.preemption import PreemptionCheckpoint
 
-__all__ = ["PreemptionCheckpoint"]
+__all__ = ["PreemptionCheckpoint", "TrainingDashboard"]

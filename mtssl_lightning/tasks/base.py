@@ -14,11 +14,13 @@ from __future__ import annotations
 import abc
 from typing import Any, ClassVar, Literal
 
+import torch
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
 from mtssl_lightning.data.batch import ClipBatch, DataRequest, ImageBatch, TaskBatch
 from mtssl_lightning.data.color import lab_gray
+from mtssl_lightning.tasks import pictures as draw
 
 InputMode = Literal["rgb", "lab_gray"]
 
@@ -113,3 +115,13 @@ class Task(nn.Module, abc.ABC):
     @abc.abstractmethod
     def metric_inputs(self, prediction: Tensor, batch: TaskBatch) -> tuple[Any, ...]:
         """Arguments for ``make_metrics()``'s ``update``, e.g. ``(logits, labels)``."""
+
+    @torch.no_grad()
+    def pictures(self, batch: TaskBatch, prediction: Tensor | None = None, max_items: int = 4) -> dict[str, Tensor]:
+        """Named RGB pictures ``(3, H, W)`` float in [0, 1] (CPU) of what the task sees: inputs, targets and, when
+        ``prediction`` (the output of the task's forward on ``batch``) is given, predictions; for W&B media and notebooks.
+
+        The base class shows one row of the first ``max_items`` trunk inputs (key ``"inputs"``);
+        the tasks override it with their own layouts.
+        """
+        return {"inputs": draw.grid(batch.inputs[:max_items]).cpu()}

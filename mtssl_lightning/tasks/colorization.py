@@ -37,6 +37,7 @@ from torchmetrics import Metric, MetricCollection
 
 from mtssl_lightning.data.batch import TaskBatch
 from mtssl_lightning.data.color import lab_to_rgb, rgb_to_lab
+from mtssl_lightning.tasks import pictures as draw
 from mtssl_lightning.tasks.base import InputMode, Task
 from mtssl_lightning.tasks.heads import DenseHead
 from mtssl_lightning.tasks.metrics import HitRate
@@ -534,6 +535,24 @@ class Colorization(Task):
         ab = annealed_mean(logits, self.centres, self.temperature)
         ab = F.interpolate(ab, size=lightness.shape[-2:], mode="bilinear", align_corners=False)
         return lab_to_rgb(torch.cat([lightness.float(), ab], 1))
+
+    @torch.no_grad()
+    def pictures(self, batch: TaskBatch, prediction: Tensor | None = None, max_items: int = 4) -> dict[str, Tensor]:
+        """``"colorization"``: one row per image, ``[input L (grey) | prediction | ground truth]``.
+
+        The prediction is :meth:`decode_rgb` of the ``(B, Q, h, w)`` logits (annealed mean at
+        ``temperature``, ab upsampled bilinearly to the input). The ground truth is decoded the same
+        way from the batch's true ab (at the prediction resolution, upsampled bilinearly): the
+        colours the task is trained to predict, i.e. the input photo up to that chroma resolution.
+        Without ``prediction`` the rows are ``[L | ground truth]``.
+        """
+        assert isinstance(batch, ColorizationBatch)
+        lightness = batch.lightness[:max_items].float()
+        grey = draw.as_rgb(lightness / 100.0)
+        ab = F.interpolate(batch.ab[:max_items].float(), size=lightness.shape[-2:], mode="bilinear", align_corners=False)
+        truth = lab_to_rgb(torch.cat([lightness, ab], 1))
+        columns = [grey, truth] if prediction is None else [grey, self.decode_rgb(prediction[:max_items], lightness), truth]
+        return {"colorization": draw.grid(torch.stack(columns, dim=1)).cpu()}
 
 
 def _weighted_soft_ce(logits: Tensor, batch: ColorizationBatch, class_weights: Tensor) -> Tensor:

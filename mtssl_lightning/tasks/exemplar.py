@@ -65,6 +65,7 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
 from mtssl_lightning.data.batch import TaskBatch
+from mtssl_lightning.tasks import pictures as draw
 from mtssl_lightning.tasks.base import InputMode, Task
 from mtssl_lightning.tasks.metrics import HitRate
 
@@ -432,6 +433,30 @@ class Exemplar(Task):
         """``(embeddings (B·V, D), labels (B·V,))``."""
         assert isinstance(batch, ExemplarBatch)
         return prediction.detach(), batch.labels
+
+    # ---- pictures ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def pictures(self, batch: TaskBatch, prediction: Tensor | None = None, max_items: int = 4) -> dict[str, Tensor]:
+        """``"views"``: one row per image (the first ``max_items``), its ``V`` views as the trunk sees them.
+
+        With a ``prediction`` (``(B·V, D)`` embeddings) every view gets a frame: green when its
+        nearest other view of the *whole* batch (Euclidean, as :class:`ViewRetrievalAccuracy`) is a
+        view of the same image, red otherwise. Without, the views are framed in the background grey.
+        """
+        assert isinstance(batch, ExemplarBatch)
+        views = batch.views
+        count = min(max_items, batch.inputs.shape[0] // views)
+        shown = draw.as_rgb(batch.inputs[: count * views])
+        device = shown.device
+        colour = torch.full((count * views, 3), draw.BACKGROUND, device=device)
+        if prediction is not None:
+            distances = pairwise_distances(prediction.detach()).fill_diagonal_(float("inf"))
+            labels = batch.labels.to(device)
+            hit = (labels[distances.argmin(1)] == labels)[: count * views, None]
+            colour = torch.where(hit, torch.tensor(draw.GREEN, device=device), torch.tensor(draw.RED, device=device))
+        framed = draw.outline(shown, colour, max(1, shown.shape[-1] // 32))
+        return {"views": draw.grid(framed.view(count, views, *framed.shape[1:])).cpu()}
 
     def extra_repr(self) -> str:
         return (

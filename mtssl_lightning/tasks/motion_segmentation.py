@@ -30,6 +30,7 @@ from torchmetrics.classification import BinaryF1Score, BinaryJaccardIndex
 
 from mtssl_lightning.data.batch import ClipBatch, DataRequest, ImageBatch, TaskBatch
 from mtssl_lightning.data.motion import MotionMaskConfig, motion_masks
+from mtssl_lightning.tasks import pictures as draw
 from mtssl_lightning.tasks.base import InputMode, Task
 from mtssl_lightning.tasks.heads import DenseHead
 
@@ -187,6 +188,23 @@ class MotionSegmentation(Task):
         """``(probabilities, integer targets)``, both ``(B, 1, h, w)``."""
         assert isinstance(batch, MotionSegmentationBatch)
         return torch.sigmoid(prediction.detach().float()), batch.targets.to(torch.int64)
+
+    @torch.no_grad()
+    def pictures(self, batch: TaskBatch, prediction: Tensor | None = None, max_items: int = 4) -> dict[str, Tensor]:
+        """``"masks"``: one row per clip, ``[key frame | target mask overlaid | predicted mask overlaid]``.
+
+        The key frame is the trunk's input; the target (``batch.targets``, the loss's mask at
+        1/``output_stride``) and the prediction (``sigmoid(logits) > 0.5``) are blown up to the frame
+        with nearest-neighbour interpolation and tinted over it (``TARGET_COLOUR`` /
+        ``PREDICTION_COLOUR``, α = 0.5). Without ``prediction`` the rows are ``[frame | target]``.
+        """
+        assert isinstance(batch, MotionSegmentationBatch)
+        frames = draw.as_rgb(batch.inputs[:max_items])
+        columns = [frames, draw.overlay(frames, batch.targets[:max_items], draw.TARGET_COLOUR)]
+        if prediction is not None:
+            moving = (torch.sigmoid(prediction[:max_items].float()) > 0.5).float()
+            columns.append(draw.overlay(frames, moving, draw.PREDICTION_COLOUR))
+        return {"masks": draw.grid(torch.stack(columns, dim=1)).cpu()}
 
     def extra_repr(self) -> str:
         return (

@@ -60,6 +60,7 @@ from torchvision.ops import roi_align
 
 from mtssl_lightning.data.batch import TaskBatch
 from mtssl_lightning.data.color import lab_gray
+from mtssl_lightning.tasks import pictures as draw
 from mtssl_lightning.tasks.base import InputMode, Task
 
 PairsMode = Literal["one", "all"]
@@ -551,6 +552,50 @@ class RelativePosition(Task):
         """``(logits (P, 8), labels (P,))``."""
         assert isinstance(batch, RelativePositionBatch)
         return prediction.detach(), batch.labels
+
+    # ---- pictures ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def pictures(self, batch: TaskBatch, prediction: Tensor | None = None, max_items: int = 4) -> dict[str, Tensor]:
+        """``"pairs"``: one 3×3 canvas per pair, the anchor patch in the centre cell and the neighbour
+        patch in its true cell (label ``k`` ↔ offset ``NEIGHBOUR_OFFSETS[k]``), as the trunk sees them.
+
+        Empty cells are ``EMPTY`` grey. Every cell is framed by ``border`` px (``max(1, patch_size // 16)``)
+        of ``BACKGROUND``; with a ``prediction`` (``(P, 8)`` logits) the frame of the predicted cell is
+        green when it is the true cell, red otherwise. ``max_items`` pairs are taken evenly spaced over
+        the batch's pairs (so they come from different images and positions; ``max_items >= P`` shows
+        every pair in order). Any ``grid`` works: the canvas is the anchor's 3×3 neighbourhood.
+        Canvases are side by side: tile ``(0, i)`` of :func:`~mtssl_lightning.tasks.pictures.grid`,
+        each ``3·(patch_size + 2·border)`` px square; cell ``(r, c)`` of a canvas starts at
+        ``(r·(p + 2b) + b, c·(p + 2b) + b)``.
+        """
+        assert isinstance(batch, RelativePositionBatch)
+        pairs = batch.labels.shape[0]
+        count = min(max_items, pairs)
+        device = batch.inputs.device
+        chosen = torch.linspace(0, pairs - 1, count, device=device).round().long()
+        anchors = draw.as_rgb(batch.inputs[batch.first[chosen]])
+        neighbours = draw.as_rgb(batch.inputs[batch.second[chosen]])
+        offsets = torch.tensor(NEIGHBOUR_OFFSETS, device=device)  # (8, 2) as (dr, dc)
+        to_cell = lambda label: (1 + offsets[label, 0]) * 3 + (1 + offsets[label, 1])  # 3×3 raster index
+        true_cell = to_cell(batch.labels[chosen])
+        rows = torch.arange(count, device=device)
+
+        size = anchors.shape[-1]
+        border = max(1, size // 16)
+        cells = torch.full((count, 9, 3, size, size), draw.EMPTY, device=device)
+        cells[:, 4] = anchors
+        cells[rows, true_cell] = neighbours
+        frames = torch.full((count, 9, 3), draw.BACKGROUND, device=device)
+        if prediction is not None:
+            predicted = prediction[chosen].argmax(1)
+            correct = (predicted == batch.labels[chosen])[:, None]
+            colour = torch.where(correct, torch.tensor(draw.GREEN, device=device), torch.tensor(draw.RED, device=device))
+            frames[rows, to_cell(predicted)] = colour
+        framed = draw.outline(cells.flatten(0, 1), frames.flatten(0, 1), border)  # (count·9, 3, s, s)
+        slot = size + 2 * border
+        canvas = framed.view(count, 3, 3, 3, slot, slot).permute(0, 3, 1, 4, 2, 5).reshape(count, 3, 3 * slot, 3 * slot)
+        return {"pairs": draw.grid(canvas).cpu()}
 
     def extra_repr(self) -> str:
         return (

@@ -1,0 +1,142 @@
+"""What a W&B dashboard of a run shows beyond losses and metrics (which the modules log).
+
+:class:`TrainingDashboard` logs, for any LightningModule:
+
+* ``lr/<name>``: the learning rate of every optimizer (``<name>`` = the task in the per-task
+  ``combine: alternate`` mode, ``all`` for one optimizer, ``opt<i>`` otherwise);
+* ``perf/samples_per_s``: images (or clips) per second through the whole step, and
+  ``perf/data_wait_share``: the share of the step's wall-clock time spent between the end of a
+  step and the start of the next one — fetching the batch from the workers, moving it to the
+  device and building the task inputs there. A share near 0 means the trunk never waits.
+  Wall-clock on the host without CUDA synchronisation: on a GPU the step time includes waiting
+  for queued kernels, which is what matters for "is the GPU starved";
+
+and, for :class:`~mtssl_lightning.MultiTaskSSL`, every ``media_every_n_steps`` training steps
+(on global rank 0, to every logger that has ``log_image``, i.e. W&B):
+
+* ``media/<task>/<picture>``: each task's :meth:`~mtssl_lightning.tasks.base.Task.pictures` of
+  the current training batch with the model's predictions (relative-position pairs with true
+  and predicted positions, colorization input/prediction/truth, exemplar views, motion masks);
+* ``lasso/alpha_heatmap``: the lasso weights α as a tasks × units heatmap (lasso mode).
+
+The per-task gradient norm on the shared trunk (``grad_norm/<task>``) is logged by
+``MultiTaskSSL`` itself, which has the task losses.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor
+
+
+def alpha_heatmap(alpha: Tensor, tasks: list[str]) -> np.ndarray:
+    """Render lasso weights ``(T, U)`` as an RGB ``uint8 (H, W, 3)`` heatmap (rows: tasks, columns: units)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    values = alpha.detach().float().cpu().numpy()
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * values.shape[1] + 2), 0.5 * len(tasks) + 1.2), dpi=100)
+    limit = max(float(np.abs(values).max()), 1e-6)
+    image = ax.imshow(values, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
+    ax.set_yticks(range(len(tasks)), tasks)
+    ax.set_xlabel("unit of the last block")
+    ax.set_title("lasso α")
+    fig.colorbar(image, ax=ax, fraction=0.05)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    from PIL import Image
+
+    return np.asarray(Image.open(buffer).convert("RGB"))
+
+
+def _image_loggers(trainer: pl.Trainer) -> list[Any]:
+    return [logger for logger in trainer.loggers if hasattr(logger, "log_image")]
+
+
+class TrainingDashboard(Callback):
+    """Learning rates, throughput, data-wait share, task pictures and the lasso heatmap (see the module docstring).
+
+    Args:
+        media_every_n_steps: training steps between pictures (0 = never).
+        max_items: samples per picture.
+    """
+
+    def __init__(self, media_every_n_steps: int = 200, max_items: int = 4) -> None:
+        if media_every_n_steps < 0:
+            raise ValueError(f"`media_every_n_steps` must be >= 0, got {media_every_n_steps}")
+        self.media_every_n_steps, self.max_items = media_every_n_steps, max_items
+        self._step_start: float | None = None
+        self._last_end: float | None = None
+
+    # -------------------------------------------------------------------- speed
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._last_end = None  # the gap across an epoch boundary (validation, loader restart) is not data wait
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._step_start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        now = time.perf_counter()
+        if self._step_start is not None and self._last_end is not None:
+            wait, compute = self._step_start - self._last_end, now - self._step_start
+            samples = getattr(pl_module, "last_batch_samples", None)
+            metrics = {"perf/data_wait_share": wait / max(wait + compute, 1e-9)}
+            if samples:
+                metrics["perf/samples_per_s"] = samples / max(wait + compute, 1e-9)
+            pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+        self._log_learning_rates(trainer, pl_module)
+        step = trainer.global_step
+        if self.media_every_n_steps and step % self.media_every_n_steps == 0 and trainer.is_global_zero:
+            loggers = _image_loggers(trainer)
+            if loggers:
+                self._log_media(pl_module, batch, loggers, step)
+        self._last_end = time.perf_counter()  # after our own work, so pictures do not count as data wait
+
+    def _log_learning_rates(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        optimizers = trainer.optimizers
+        tasks = list(getattr(pl_module, "tasks", {}))
+        if len(optimizers) == 1:
+            names = ["all"]
+        elif len(optimizers) == len(tasks):
+            names = tasks
+        else:
+            names = [f"opt{i}" for i in range(len(optimizers))]
+        rates = {f"lr/{name}": float(opt.param_groups[0]["lr"]) for name, opt in zip(names, optimizers)}
+        pl_module.log_dict(rates, on_step=True, on_epoch=False, batch_size=1)
+
+    # -------------------------------------------------------------------- media
+    @torch.no_grad()
+    def _log_media(self, pl_module: pl.LightningModule, batch: Any, loggers: list[Any], step: int) -> None:
+        tasks = getattr(pl_module, "tasks", None)
+        if tasks is None or not isinstance(batch, dict):
+            return
+        was_training = pl_module.training
+        pl_module.eval()  # predictions with running BN statistics, and no BN statistics updated
+        try:
+            for name, sub in batch.items():
+                if sub is None or name not in tasks:
+                    continue
+                prediction = pl_module.task_forward(name, sub)
+                for key, picture in tasks[name].pictures(sub, prediction, max_items=self.max_items).items():
+                    image = (picture.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+                    for logger in loggers:
+                        logger.log_image(key=f"media/{name}/{key}", images=[image], step=step)
+            mixers = getattr(pl_module, "mixers", None)
+            if getattr(pl_module, "mixing", None) == "lasso" and mixers:
+                alpha = torch.stack([mixers[name].alpha for name in tasks])
+                heatmap = alpha_heatmap(alpha, list(tasks))
+                for logger in loggers:
+                    logger.log_image(key="lasso/alpha_heatmap", images=[heatmap], step=step)
+        finally:
+            pl_module.train(was_training)

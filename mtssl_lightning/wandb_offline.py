@@ -1,0 +1,174 @@
+"""Read what a W&B run logged, straight from its offline run folder (no account, no network).
+
+A run folder (``<save_dir>/wandb/offline-run-<time>-<id>/``) holds ``run-<id>.wandb``: W&B's
+record log — a 7-byte header (``:W&B``, magic ``0xBEE1``, version 0) followed by LevelDB-log
+blocks of 32 KiB whose chunks (CRC32, length, type FULL/FIRST/MIDDLE/LAST) carry serialized
+``wandb.proto.wandb_internal_pb2.Record`` messages. :func:`read_history` returns the logged
+rows, so tests and notebooks can check what a dashboard will show before anything is synced.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+_HEADER = b":W&B" + struct.pack("<HB", 0xBEE1, 0)
+_BLOCK = 32768
+_CHUNK_HEADER = 7  # crc32 (4), length (2), type (1)
+_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+
+
+def _records(path: Path) -> list[bytes]:
+    data = path.read_bytes()
+    if not data.startswith(_HEADER):
+        raise ValueError(f"{str(path)!r} is not a W&B run file (no ':W&B' header)")
+    records, pending, offset = [], b"", len(_HEADER)
+    while offset + _CHUNK_HEADER <= len(data):
+        room = _BLOCK - offset % _BLOCK
+        if room < _CHUNK_HEADER:  # block trailer: zero padding
+            offset += room
+            continue
+        length, kind = struct.unpack_from("<HB", data, offset + 4)
+        body = data[offset + _CHUNK_HEADER : offset + _CHUNK_HEADER + length]
+        offset += _CHUNK_HEADER + length
+        if kind == _FULL:
+            records.append(body)
+        elif kind == _FIRST:
+            pending = body
+        elif kind == _MIDDLE:
+            pending += body
+        elif kind == _LAST:
+            records.append(pending + body)
+            pending = b""
+        else:  # 0: preallocated, unwritten space at the end of the file
+            break
+    return records
+
+
+def run_file(run_dir: str | os.PathLike) -> Path:
+    """The ``run-<id>.wandb`` file of an (offline) run folder."""
+    found = sorted(Path(run_dir).glob("run-*.wandb"))
+    if not found:
+        raise FileNotFoundError(f"no run-*.wandb file in {str(run_dir)!r}; is it a W&B run folder (wandb/offline-run-…)?")
+    return found[0]
+
+
+def read_history(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every ``wandb.log`` row of the run in ``run_dir``, as ``{key: value}`` (JSON-decoded values;
+    pictures appear as dicts: ``{"_type": "images/separated", "filenames": [...], "width": …}``
+    for a logged list of images, ``{"_type": "image-file", "path": …}`` for one image)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    rows = []
+    for raw in _records(run_file(run_dir)):
+        record = pb.Record()
+        record.ParseFromString(raw)
+        if record.WhichOneof("record_type") != "history":
+            continue
+        row: dict[str, Any] = {}
+        for item in record.history.item:
+            value = json.loads(item.value_json)
+            if item.key or len(item.nested_key) == 1:
+                row[item.key or item.nested_key[0]] = value
+                continue
+            # a logged dict (e.g. media: {"_type": "images/separated", "filenames": …}) comes flattened
+            node = row
+            for part in item.nested_key[:-1]:
+                node = node.setdefault(part, {})
+            node[item.nested_key[-1]] = value
+        rows.append(row)
+    return rows
+
+
+def read_config(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """The run's config as last updated (``wandb.config``), ``{key: value}``."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    config: dict[str, Any] = {}
+    for raw in _records(run_file(run_dir)):
+        record = pb.Record()
+        record.ParseFromString(raw)
+        kind = record.WhichOneof("record_type")
+        items = record.config.update if kind == "config" else record.run.config.update if kind == "run" else []
+        for item in items:
+            key = item.key or "/".join(item.nested_key)
+            config[key] = json.loads(item.value_json)
+    return config
+
+
+def image_path(value: Any) -> str | None:
+    """The file (relative to the run's ``files/``) of a logged picture value, or ``None`` for anything else."""
+    if not isinstance(value, dict):
+        return None
+    if value.get("_type") == "image-file":
+        return value.get("path")
+    if value.get("_type") == "images/separated" and value.get("filenames"):
+        return value["filenames"][0]
+    return None
+
+
+def render_dashboard(run_dir: str | os.PathLike, output: str | os.PathLike, max_media: int = 5) -> Path:
+    """Draw what the run's W&B dashboard shows into one PNG, from the offline run folder alone.
+
+    Panels: per-task training losses, learning rates, throughput and data-wait share, per-task
+    trunk gradient norms, then the newest pictures the run logged (task media and the lasso
+    heatmap). Used for the README's dashboard picture; handy to glance at an unsynced run.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.image as mpimg
+    import matplotlib.pyplot as plt
+
+    rows = read_history(run_dir)
+
+    def series(prefix: str, suffix: str = "") -> dict[str, tuple[list[float], list[float]]]:
+        out: dict[str, tuple[list[float], list[float]]] = {}
+        for row in rows:
+            step = row.get("trainer/global_step", row.get("_step", 0))
+            for key, value in row.items():
+                if key.startswith(prefix) and key.endswith(suffix) and isinstance(value, (int, float)):
+                    xs, ys = out.setdefault(key, ([], []))
+                    xs.append(step)
+                    ys.append(value)
+        return out
+
+    curves = [
+        ("training loss per task", series("train/", "/loss_step")),
+        ("learning rate per optimizer", series("lr/")),
+        ("throughput and data wait", series("perf/")),
+        ("trunk gradient norm per task", series("grad_norm/")),
+    ]
+    media: dict[str, str] = {}
+    for row in rows:
+        for key, value in row.items():
+            path = image_path(value)
+            if path is not None:
+                media[key] = path  # the newest one wins
+    shown = sorted(media)[:max_media]
+    columns = max(len(curves), len(shown), 1)
+    fig, axes = plt.subplots(2, columns, figsize=(4.2 * columns, 7.5), dpi=100, squeeze=False)
+    for ax, (title, data) in zip(axes[0], curves):
+        for key, (xs, ys) in sorted(data.items()):
+            ax.plot(xs, ys, label=key.split("/", 1)[1].removesuffix("/loss_step"), linewidth=1.2)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step", fontsize=8)
+        if data:
+            ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    for ax, key in zip(axes[1], shown):
+        ax.imshow(mpimg.imread(Path(run_dir) / "files" / media[key]))
+        ax.set_title(key, fontsize=9)
+        ax.axis("off")
+    for ax in list(axes[0][len(curves):]) + list(axes[1][len(shown):]):
+        ax.axis("off")
+    fig.suptitle(f"W&B run {Path(run_dir).name}: what its dashboard shows", fontsize=11)
+    fig.tight_layout()
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output)
+    plt.close(fig)
+    return output

@@ -1,0 +1,86 @@
+"""The W&B dashboard of a run, read back from the offline run folder (no mock, no network)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import wandb
+
+from mtssl_lightning.callbacks.dashboard import alpha_heatmap
+from mtssl_lightning.cli import git_revision, run
+from mtssl_lightning.wandb_offline import image_path, read_config, read_history, render_dashboard
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = ("rp", "col", "ex", "ms")
+#: the picture each task logs (see each task's `pictures`)
+PICTURES = {"rp": "pairs", "col": "colorization", "ex": "views", "ms": "masks"}
+
+
+def _fit(tmp_path: Path, *extra: str):
+    config = (ROOT / "configs/pretrain/all_lasso.yaml").read_text()
+    tiny = re.sub(r"runs/tiny", str(tmp_path), (ROOT / "configs/tiny.yaml").read_text())
+    (tmp_path / "all_lasso.yaml").write_text(config)
+    (tmp_path / "tiny.yaml").write_text(tiny)
+    return run([
+        "fit", "--config", str(tmp_path / "all_lasso.yaml"), "--config", str(tmp_path / "tiny.yaml"),
+        "--trainer.log_every_n_steps=1", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
+        "--data.steps_per_epoch=2", "--data.val_samples=8", "--data.num_workers=0",
+        "--model.init_args.grad_norm_every_n_steps=2",
+        "--trainer.callbacks+=mtssl_lightning.callbacks.TrainingDashboard", "--trainer.callbacks.media_every_n_steps=2",
+        *extra,
+    ])
+
+
+def _run_dirs(tmp_path: Path) -> list[Path]:
+    return sorted((tmp_path / "wandb").glob("offline-run-*"))
+
+
+@pytest.mark.slow
+def test_an_offline_run_holds_every_dashboard_metric_and_picture_and_a_resume_continues_it(tmp_path):
+    cli = _fit(tmp_path, "--trainer.max_epochs=2")
+    assert cli.trainer.global_step == 4
+    [run_dir] = _run_dirs(tmp_path)
+    rows = read_history(run_dir)
+    keys = set().union(*rows)
+    expected = {"perf/samples_per_s", "perf/data_wait_share", "lasso/alpha_heatmap", "train/skipped_files"}
+    for task in TASKS:
+        expected |= {
+            f"train/{task}/loss_step", f"val/{task}/loss", f"lr/{task}", f"grad_norm/{task}",
+            f"lasso/{task}/alpha_00", f"media/{task}/{PICTURES[task]}",
+        }
+    expected |= {"val/rp/accuracy", "val/col/top_bin_acc", "val/ex/retrieval_acc", "val/ms/iou"}
+    assert expected <= keys, sorted(expected - keys)
+    for key in [k for k in keys if k.startswith("media/")] + ["lasso/alpha_heatmap"]:
+        value = next(row[key] for row in rows if key in row)
+        assert value["width"] > 16 and value["height"] > 16, (key, value)
+        picture = run_dir / "files" / image_path(value)  # the PNG itself is in the run folder
+        assert picture.is_file() and picture.stat().st_size > 100
+    for row in rows:
+        if "perf/data_wait_share" in row:
+            assert 0.0 <= row["perf/data_wait_share"] <= 1.0 and row["perf/samples_per_s"] > 0
+    dashboard = render_dashboard(run_dir, tmp_path / "dashboard.png")
+    assert dashboard.stat().st_size > 10_000
+    config = read_config(run_dir)
+    assert config["git_revision"] == git_revision()
+    assert config["mtssl_config"]["model"]["init_args"]["mixing"] == "lasso"
+
+    # resuming continues the same W&B run (same id), from the step it stopped at; the first
+    # run is closed first, as when the resumed run is a new process
+    wandb.finish()
+    resumed = _fit(tmp_path, "--trainer.max_epochs=3", "--ckpt_path=last")
+    assert resumed.trainer.global_step == 6
+    first, second = _run_dirs(tmp_path)
+    assert first.name.rsplit("-", 1)[1] == second.name.rsplit("-", 1)[1] == resumed.trainer.logger.version
+    steps = [row["trainer/global_step"] for row in read_history(second) if "trainer/global_step" in row]
+    assert min(steps) >= 4
+
+
+def test_alpha_heatmap_is_an_rgb_image_with_one_row_per_task():
+    alpha = torch.tensor([[0.0, 0.5, 1.0], [1.0, 0.0, -1.0]])
+    image = alpha_heatmap(alpha, ["rp", "col"])
+    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+    assert image.shape[0] > 50 and image.shape[1] > 50 and image.std() > 10  # not blank
