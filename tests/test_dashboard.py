@@ -43,6 +43,7 @@ def _run_dirs(tmp_path: Path) -> list[Path]:
 def test_an_offline_run_holds_every_dashboard_metric_and_picture_and_a_resume_continues_it(tmp_path):
     cli = _fit(tmp_path, "--trainer.max_epochs=2")
     assert cli.trainer.global_step == 4
+    wandb.finish()  # flushes the run file; closed as when the resumed run is a new process
     [run_dir] = _run_dirs(tmp_path)
     rows = read_history(run_dir)
     keys = set().union(*rows)
@@ -68,11 +69,10 @@ def test_an_offline_run_holds_every_dashboard_metric_and_picture_and_a_resume_co
     assert config["git_revision"] == git_revision()
     assert config["mtssl_config"]["model"]["init_args"]["mixing"] == "lasso"
 
-    # resuming continues the same W&B run (same id), from the step it stopped at; the first
-    # run is closed first, as when the resumed run is a new process
-    wandb.finish()
+    # resuming continues the same W&B run (same id), from the step it stopped at
     resumed = _fit(tmp_path, "--trainer.max_epochs=3", "--ckpt_path=last")
     assert resumed.trainer.global_step == 6
+    wandb.finish()
     first, second = _run_dirs(tmp_path)
     assert first.name.rsplit("-", 1)[1] == second.name.rsplit("-", 1)[1] == resumed.trainer.logger.version
     steps = [row["trainer/global_step"] for row in read_history(second) if "trainer/global_step" in row]
