@@ -53,6 +53,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from torchvision import datasets as tv_datasets
 from torchvision.transforms import v2 as T
 
+from mtssl_lightning.data.datamodule import init_worker
 from mtssl_lightning.data.sources import IMAGE_EXTENSIONS, find_files, to_rgb
 from mtssl_lightning.evaluation.backbone import Representation, SavesTrunkSpec, TrunkRepresentation, pretrained_trunk
 from mtssl_lightning.trunks.base import Trunk
@@ -531,6 +532,7 @@ class ClassificationDataModule(pl.LightningDataModule):
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
             collate_fn=LabelledBatch.collate,
+            worker_init_fn=init_worker,  # workers ignore SIGTERM: the pre-emption checkpoint is saved first
         )
 
     def train_dataloader(self) -> DataLoader:

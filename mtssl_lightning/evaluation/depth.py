@@ -54,6 +54,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics import Metric
 
+from mtssl_lightning.data.datamodule import init_worker
 from mtssl_lightning.evaluation.backbone import Representation, SavesTrunkSpec, TrunkRepresentation, pretrained_trunk
 from mtssl_lightning.trunks import ResNetV2, Trunk
 from mtssl_lightning.trunks.base import apply_speed_options
@@ -592,6 +593,7 @@ class NYUDepthDataModule(pl.LightningDataModule):
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available() if self.pin_memory is None else self.pin_memory,
             collate_fn=DepthBatch.collate,
+            worker_init_fn=init_worker,  # workers ignore SIGTERM: the pre-emption checkpoint is saved first
         )
 
     def train_dataloader(self) -> DataLoader:

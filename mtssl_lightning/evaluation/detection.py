@@ -52,6 +52,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.ops import MultiScaleRoIAlign
 
+from mtssl_lightning.data.datamodule import init_worker
 from mtssl_lightning.evaluation.backbone import SavesTrunkSpec, TrunkRepresentation, pretrained_trunk
 from mtssl_lightning.trunks.base import Trunk
 
@@ -397,6 +398,7 @@ class VOCDetectionDataModule(pl.LightningDataModule):
             drop_last=train,
             num_workers=self.num_workers,
             collate_fn=VOCBatch.collate,
+            worker_init_fn=init_worker,  # workers ignore SIGTERM: the pre-emption checkpoint is saved first
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
         )
