@@ -24,7 +24,7 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
-# every benchmark in turn; regenerates docs/benchmarks.md and docs/img/*.png (~40 min on 2 CPU cores)
+# every benchmark in turn; regenerates docs/benchmarks.md and docs/img/*.png (~15 min on 2 idle CPU cores)
 bench: install
 	$(BIN)/python -m benchmarks
 

@@ -7,7 +7,7 @@ benchmark are measured in the same run and reported as ratios; medians over repe
 script then rewrites the report's header: when, on what machine, with which versions, and how
 long each benchmark took.
 
-    python -m benchmarks                      # all of them (~40 minutes on 2 CPU cores)
+    python -m benchmarks                      # all of them (~15 minutes on 2 idle CPU cores)
     python -m benchmarks --only video_tasks   # a subset (names without "bench_")
 """
 
@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         script = HERE / f"bench_{name}.py"
         print(f"==> {script.relative_to(HERE.parent)}", flush=True)
         start = time.perf_counter()
-        result = subprocess.run([sys.executable, str(script)], cwd=HERE.parent)
+        # relative path: the sections record the command as a user would type it from the repo root
+        result = subprocess.run([sys.executable, str(script.relative_to(HERE.parent))], cwd=HERE.parent)
         minutes = (time.perf_counter() - start) / 60
         timings.append(f"`bench_{name}.py` {minutes:.1f} min" + ("" if result.returncode == 0 else " (FAILED)"))
         if result.returncode != 0:

@@ -22,7 +22,7 @@ than two standard errors of the difference). Digits are far from the photos the 
 pretrained on, and 19 photos are far from ImageNet: this checks the pipeline end to end and
 shows what such a tiny budget can and cannot do; it does not reproduce the paper's numbers.
 
-Run from the repository root (about 20–25 minutes on 2 CPU cores)::
+Run from the repository root (about 13 minutes on 2 idle CPU cores; 45 when they are busy)::
 
     .venv/bin/python benchmarks/bench_transfer.py            # --seeds 3 --pretrain-steps 300
 """
