@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -16,6 +18,49 @@ from torch.utils.data import Dataset
 
 from mtssl_lightning.data.batch import ImageBatch
 from mtssl_lightning.data.sources import ImageSource
+
+T = TypeVar("T")
+
+
+class BadFiles:
+    """Per worker process: the items that failed to load, and how many failed since the last batch.
+
+    Shared by every file-backed dataset (crops, clips, labelled images), so "skip it, warn once,
+    count it" means the same everywhere.
+
+    Args:
+        kind: what an item is, for the messages (``"image"``, ``"video"``).
+    """
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.bad: set[int] = set()
+        self.newly_bad = 0
+
+    def first_readable(self, items: Sequence[int], start: int, load: Callable[[int], T], name: Callable[[int], str], where: str) -> tuple[T, int]:
+        """``(load(j), j)`` for the first ``j`` of ``items`` from position ``start`` on (wrapping)
+        that loads; each item that raises is warned about once, remembered and counted.
+
+        Raises:
+            RuntimeError: no item loads (``where`` names the collection).
+        """
+        n = len(items)
+        for k in range(n):
+            j = items[(start + k) % n]
+            if j in self.bad:
+                continue
+            try:
+                return load(j), j
+            except Exception as err:  # noqa: BLE001 - any decoder error means "skip this file"
+                self.bad.add(j)
+                self.newly_bad += 1
+                warnings.warn(f"skipping unreadable {self.kind} {name(j)!r}: {err}", stacklevel=3)
+        raise RuntimeError(f"none of the {n} {self.kind}s of {where} could be decoded (see the warnings)")
+
+    def take_count(self) -> int:
+        """Items found bad since the last call (a collate function reports them per batch)."""
+        count, self.newly_bad = self.newly_bad, 0
+        return count
 
 
 def random_resized_box(
@@ -73,8 +118,7 @@ class CropDataset(Dataset):
         self.source, self.size, self.train = source, size, train
         self.length = length if length is not None else len(source)
         self.min_scale, self.seed = min_scale, seed
-        self.bad: set[int] = set()  # per worker process: images that failed to decode
-        self.newly_bad = 0  # per worker process: bad images met since the last collate
+        self.bad_files = BadFiles("image")
 
     def __len__(self) -> int:
         return self.length
@@ -86,23 +130,12 @@ class CropDataset(Dataset):
         and resets covers exactly this batch.
         """
         batch = ImageBatch.collate(samples)
-        batch.skipped, self.newly_bad = self.newly_bad, 0
+        batch.skipped = self.bad_files.take_count()
         return batch
 
     def _load(self, i: int) -> tuple[Image.Image, int]:
         """Load image ``i``, or the next decodable one, warning once per bad file."""
-        n = len(self.source)
-        for k in range(n):
-            j = (i + k) % n
-            if j in self.bad:
-                continue
-            try:
-                return self.source.load(j), j
-            except Exception as err:  # noqa: BLE001 - any decoder error means "skip this file"
-                self.bad.add(j)
-                self.newly_bad += 1
-                warnings.warn(f"skipping unreadable image {self.source.names[j]!r}: {err}", stacklevel=2)
-        raise RuntimeError(f"none of the {n} images in {self.source.describe()} could be decoded")
+        return self.bad_files.first_readable(range(len(self.source)), i, self.source.load, self.source.names.__getitem__, self.source.describe())
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         image, j = self._load(index % len(self.source))

@@ -32,7 +32,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from mtssl_lightning.data.batch import ClipBatch
-from mtssl_lightning.data.datasets import random_resized_box
+from mtssl_lightning.data.datasets import BadFiles, random_resized_box
 from mtssl_lightning.data.sample import sample_video_path
 from mtssl_lightning.data.sources import find_files, screen, to_rgb
 
@@ -520,8 +520,7 @@ class ClipDataset(Dataset):
         self.videos = source.check(self.span)  # in the main process: bad files never reach workers
         self.length = length if length is not None else len(self.videos)
         self.min_scale, self.seed = min_scale, seed
-        self.bad: set[int] = set()  # per worker process: videos that failed to decode
-        self.newly_bad = 0  # per worker process: bad videos met since the last collate
+        self.bad_files = BadFiles("video")
 
     def __len__(self) -> int:
         return self.length
@@ -529,7 +528,7 @@ class ClipDataset(Dataset):
     def collate(self, samples: list[tuple[torch.Tensor, int, int, torch.Tensor | None]]) -> ClipBatch:
         """:meth:`ClipBatch.collate` plus the count of videos found bad for this batch (in the worker)."""
         batch = ClipBatch.collate(samples)
-        batch.skipped, self.newly_bad = self.newly_bad, 0
+        batch.skipped = self.bad_files.take_count()
         return batch
 
     def _read(self, k: int, generator: torch.Generator | None) -> tuple[np.ndarray, np.ndarray | None, int, int]:
@@ -537,26 +536,22 @@ class ClipDataset(Dataset):
 
         Returns ``(frames (T, H, W, 3), key-frame mask (H, W) or None, source index, start)``.
         """
-        n = len(self.videos)
-        for m in range(n):
-            j = self.videos[(k + m) % n]
-            if j in self.bad:
-                continue
-            try:
-                frames_in_video = self.source.num_frames(j)
-                start = int(torch.randint(0, frames_in_video - self.span + 1, (1,), generator=generator).item())
-                frames = self.source.read_clip(j, start, self.clip_length, self.frame_stride)
-                mask = None
-                if self.source.has_masks:
-                    mask = self.source.read_mask(j, start + (self.clip_length // 2) * self.frame_stride)
-                    if mask is None:
-                        raise RuntimeError("the source has masks but none was found for the key frame")
-                return frames, mask, j, start
-            except Exception as err:
-                self.bad.add(j)
-                self.newly_bad += 1
-                warnings.warn(f"skipping unreadable video {self.source.names[j]!r}: {err}", stacklevel=2)
-        raise RuntimeError(f"none of the {n} usable videos of {self.source.describe()} could be decoded (see the warnings)")
+
+        def read(j: int) -> tuple[np.ndarray, np.ndarray | None, int]:
+            frames_in_video = self.source.num_frames(j)
+            start = int(torch.randint(0, frames_in_video - self.span + 1, (1,), generator=generator).item())
+            frames = self.source.read_clip(j, start, self.clip_length, self.frame_stride)
+            mask = None
+            if self.source.has_masks:
+                mask = self.source.read_mask(j, start + (self.clip_length // 2) * self.frame_stride)
+                if mask is None:
+                    raise RuntimeError("the source has masks but none was found for the key frame")
+            return frames, mask, start
+
+        (frames, mask, start), j = self.bad_files.first_readable(
+            self.videos, k, read, self.source.names.__getitem__, f"the usable videos of {self.source.describe()}"
+        )
+        return frames, mask, j, start
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int, torch.Tensor | None]:
         """Sample ``index``: ``(clip uint8 (T, 3, size, size), video index, start frame, mask uint8 (1, size, size) or None)``."""

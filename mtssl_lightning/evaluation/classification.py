@@ -34,7 +34,6 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +53,7 @@ from torchvision import datasets as tv_datasets
 from torchvision.transforms import v2 as T
 
 from mtssl_lightning.data.datamodule import init_worker
+from mtssl_lightning.data.datasets import BadFiles
 from mtssl_lightning.data.sources import IMAGE_EXTENSIONS, find_files, to_rgb
 from mtssl_lightning.evaluation.backbone import Representation, SavesTrunkSpec, TrunkRepresentation, pretrained_trunk
 from mtssl_lightning.trunks.base import Trunk
@@ -132,7 +132,7 @@ class _SkipUnreadable(Dataset):
 
     def __init__(self, transform: Callable[[Image.Image], Tensor]) -> None:
         self.transform = transform
-        self.bad: set[int] = set()  # per worker process: items that failed to decode
+        self.bad_files = BadFiles("image")
 
     def _open(self, i: int) -> tuple[Image.Image, int]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -141,20 +141,9 @@ class _SkipUnreadable(Dataset):
         return f"item {i}"
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        n = len(self)
-        for k in range(n):
-            j = (index + k) % n
-            if j in self.bad:
-                continue
-            try:
-                image, label = self._open(j)
-            except Exception as err:  # noqa: BLE001 - any decoder error means "skip this file"
-                self.bad.add(j)
-                warnings.warn(f"skipping unreadable image {self._name(j)!r}: {err}", stacklevel=2)
-                continue
-            # an unreadable file is replaced by the next readable one, with that one's label
-            return self.transform(to_rgb(image)), label
-        raise RuntimeError(f"none of the {n} images of this dataset could be decoded")
+        # an unreadable file is replaced by the next readable one, with that one's label
+        (image, label), _ = self.bad_files.first_readable(range(len(self)), index, self._open, self._name, "this dataset")
+        return self.transform(to_rgb(image)), label
 
 
 class LabelledImageFolder(_SkipUnreadable):

@@ -400,7 +400,7 @@ def test_videos_that_fail_while_reading_are_skipped(tmp_path):
     assert dataset.videos == [0, 1]  # the header looks fine
     with pytest.warns(UserWarning, match="a_cut.mp4"):
         clip, j, start, _ = dataset[0]
-    assert j == 1 and dataset.bad == {0}
+    assert j == 1 and dataset.bad_files.bad == {0}
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once only
         assert [dataset[i][1] for i in range(4)] == [1, 1, 1, 1]
