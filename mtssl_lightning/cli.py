@@ -13,10 +13,9 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 import yaml
-
-import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger

@@ -261,9 +261,9 @@ class MultiTaskSSL(pl.LightningModule):
 
     def _log_trunk_grad_norm(self, name: str, grads: Iterable[Tensor | None]) -> None:
         """Log ``grad_norm/<name>``: the L2 norm over all trunk parameters of one task's gradient."""
-        norms = [g.detach().norm() for g in grads if g is not None]
-        if norms:
-            self.log(f"grad_norm/{name}", torch.linalg.vector_norm(torch.stack(norms)), on_step=True, on_epoch=False, batch_size=1)
+        present = [g.detach() for g in grads if g is not None]
+        if present:
+            self.log(f"grad_norm/{name}", torch.nn.utils.get_total_norm(present), on_step=True, on_epoch=False, batch_size=1)
 
     def _log_alpha(self) -> None:
         for name, mixer in self.mixers.items():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,46 +57,44 @@ def run_file(run_dir: str | os.PathLike) -> Path:
     return found[0]
 
 
+def _parsed_records(run_dir: str | os.PathLike) -> Iterator[Any]:
+    """The run file's records as ``wandb_internal_pb2.Record`` messages, in order."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    for raw in _records(run_file(run_dir)):
+        record = pb.Record()
+        record.ParseFromString(raw)
+        yield record
+
+
+def _put_items(target: dict[str, Any], items: Iterable[Any]) -> dict[str, Any]:
+    """Store W&B's ``(key | nested_key, value_json)`` items in ``target``; a logged dict (e.g. a
+    picture: ``{"_type": "images/separated", "filenames": …}``) arrives flattened into nested
+    keys and is rebuilt."""
+    for item in items:
+        value = json.loads(item.value_json)
+        path = [item.key] if item.key else list(item.nested_key)
+        node = target
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return target
+
+
 def read_history(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """Every ``wandb.log`` row of the run in ``run_dir``, as ``{key: value}`` (JSON-decoded values;
     pictures appear as dicts: ``{"_type": "images/separated", "filenames": [...], "width": …}``
     for a logged list of images, ``{"_type": "image-file", "path": …}`` for one image)."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    rows = []
-    for raw in _records(run_file(run_dir)):
-        record = pb.Record()
-        record.ParseFromString(raw)
-        if record.WhichOneof("record_type") != "history":
-            continue
-        row: dict[str, Any] = {}
-        for item in record.history.item:
-            value = json.loads(item.value_json)
-            if item.key or len(item.nested_key) == 1:
-                row[item.key or item.nested_key[0]] = value
-                continue
-            # a logged dict (e.g. media: {"_type": "images/separated", "filenames": …}) comes flattened
-            node = row
-            for part in item.nested_key[:-1]:
-                node = node.setdefault(part, {})
-            node[item.nested_key[-1]] = value
-        rows.append(row)
-    return rows
+    return [_put_items({}, r.history.item) for r in _parsed_records(run_dir) if r.WhichOneof("record_type") == "history"]
 
 
 def read_config(run_dir: str | os.PathLike) -> dict[str, Any]:
     """The run's config as last updated (``wandb.config``), ``{key: value}``."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
     config: dict[str, Any] = {}
-    for raw in _records(run_file(run_dir)):
-        record = pb.Record()
-        record.ParseFromString(raw)
+    for record in _parsed_records(run_dir):
         kind = record.WhichOneof("record_type")
-        items = record.config.update if kind == "config" else record.run.config.update if kind == "run" else []
-        for item in items:
-            key = item.key or "/".join(item.nested_key)
-            config[key] = json.loads(item.value_json)
+        if kind in ("config", "run"):
+            _put_items(config, (record.config if kind == "config" else record.run.config).update)
     return config
 
 

@@ -33,7 +33,6 @@ class PreemptionCheckpoint(Callback):
 
     def __init__(self, filename: str = "preempted.ckpt") -> None:
         self.filename = filename
-        self.saved_path: Path | None = None
 
     def checkpoint_path(self, trainer: pl.Trainer) -> Path:
         """Where the pre-emption checkpoint goes (see the module docstring)."""
@@ -51,7 +50,6 @@ class PreemptionCheckpoint(Callback):
             return  # nothing trained yet: nothing worth saving
         path = self.checkpoint_path(trainer)
         trainer.save_checkpoint(path)  # collective under DDP: every rank gets here via the broadcast
-        self.saved_path = path
         if trainer.is_global_zero:
             message = (
                 f"mtssl: SIGTERM received; checkpoint of step {trainer.global_step} saved to {path}. "
