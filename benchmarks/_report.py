@@ -44,7 +44,12 @@ def write_section(path: Path, name: str, body: str) -> None:
     path.write_text(text, encoding="utf-8")
 
 
-IMAGE_DIR = DEFAULT_OUTPUT.parent / "img"
+def publish(body: str, section: str, output: Path = DEFAULT_OUTPUT, write: bool = True) -> None:
+    """Print a benchmark's Markdown section and (``write``) put it into ``output``."""
+    print(body)
+    if write:
+        write_section(output, section, body)
+        print(f"wrote {output}")
 
 
 def bar_chart(
@@ -59,10 +64,16 @@ def bar_chart(
     reference_label: str = "",
     log: bool = False,
     output: Path = DEFAULT_OUTPUT,
+    write: bool = True,
 ) -> str:
     """Draw a horizontal bar chart to ``<output's folder>/img/<name>.png`` and return the Markdown
     that shows it (relative to ``output``). ``low``/``high``: the range drawn as error bars;
-    ``reference``: a vertical line (e.g. 1.0 for ratios, or a target)."""
+    ``reference``: a vertical line (e.g. 1.0 for ratios, or a target); ``write=False`` (a
+    benchmark's ``--no-write``) draws nothing and only returns the Markdown."""
+    path = output.parent / "img" / f"{name}.png"
+    markdown = f"![{title}]({os.path.relpath(path, output.parent)})"
+    if not write:
+        return markdown
     import matplotlib
 
     matplotlib.use("Agg")
@@ -85,8 +96,7 @@ def bar_chart(
     ax.set_title(title, fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    path = output.parent / "img" / f"{name}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
-    return f"![{title}]({os.path.relpath(path, output.parent)})"
+    return markdown

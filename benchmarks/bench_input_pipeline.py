@@ -45,7 +45,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from _report import DEFAULT_OUTPUT, bar_chart, command_line, machine, write_section
+from _report import DEFAULT_OUTPUT, bar_chart, command_line, machine, publish
 from mtssl_lightning.data.batch import ImageBatch
 from mtssl_lightning.data.datasets import CropDataset
 from mtssl_lightning.data.sources import ImageSource, SampleImages
@@ -353,7 +353,7 @@ def render(
         "× baseline (median; bars: min–max over runs against the baseline's median)",
         low=[min(m.rates) / baseline.median for _, ours, baseline, loader in results for m in (ours, loader)],
         high=[max(m.rates) / baseline.median for _, ours, baseline, loader in results for m in (ours, loader)],
-        reference=1.0, reference_label="baseline", output=args.output,
+        reference=1.0, reference_label="baseline", output=args.output, write=not args.no_write,
     ), ""]
     if shares is None:
         lines.append(
@@ -445,10 +445,7 @@ def main(argv: list[str] | None = None) -> None:
 
     body = render(command_line(), args, results, shares)
     print()
-    print(body)
-    if not args.no_write:
-        write_section(args.output, SECTION, body)
-        print(f"wrote {args.output}")
+    publish(body, SECTION, args.output, write=not args.no_write)
 
 
 if __name__ == "__main__":

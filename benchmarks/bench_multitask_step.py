@@ -32,7 +32,7 @@ from contextlib import contextmanager
 
 import torch
 
-from _report import DEFAULT_OUTPUT, bar_chart, command_line, machine, write_section
+from _report import bar_chart, command_line, machine, publish
 from mtssl_lightning import MultiTaskSSL
 from mtssl_lightning.data.batch import ClipBatch, ImageBatch
 from mtssl_lightning.data.datasets import CropDataset
@@ -223,13 +223,10 @@ def main(argv: list[str] | None = None) -> None:
         [row[4] for row in rows],
         "Four-task step time / Σ single-task step times",
         "ratio (median; bars: range over rounds)",
-        low=[row[5] for row in rows], high=[row[6] for row in rows], reference=1.05, reference_label="target ≤ 1.05",
+        low=[row[5] for row in rows], high=[row[6] for row in rows], reference=1.05, reference_label="target ≤ 1.05", write=not args.no_write,
     )]
     body = "\n".join(lines) + "\n"
-    print(body)
-    if not args.no_write:
-        write_section(DEFAULT_OUTPUT, SECTION, body)
-        print(f"wrote {DEFAULT_OUTPUT}")
+    publish(body, SECTION, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-from _report import DEFAULT_OUTPUT, command_line, machine, write_section
+from _report import DEFAULT_OUTPUT, command_line, machine, publish
 from mtssl_lightning import MultiTaskDataModule, MultiTaskSSL
 from mtssl_lightning.evaluation import ClassificationDataModule, ImageClassifier
 from mtssl_lightning.evaluation.knn import embed, knn_predict
@@ -252,8 +252,7 @@ def main() -> None:
         f"![fine-tuning curves](img/{args.plot.name})",
     ]
     body = "\n".join(lines)
-    print(body)
-    write_section(args.output, "transfer", body)
+    publish(body, "transfer", args.output)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from _report import DEFAULT_OUTPUT, bar_chart, command_line, machine, write_section
+from _report import DEFAULT_OUTPUT, bar_chart, command_line, machine, publish
 from mtssl_lightning.data.batch import ClipBatch
 from mtssl_lightning.data.datasets import CropDataset
 from mtssl_lightning.data.motion import motion_masks
@@ -74,20 +74,22 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    rows, sizes = [], []  # sizes: the crop side of each row (for the chart's labels)
+    rows = []  # (what, unit, rates, short label for the chart)
     for size in args.sizes:
-        sizes += [size] * 3
         clips = ClipDataset(SampleVideos("train"), size, clip_length=5, frame_stride=2, length=args.clips, train=False)
         batch = ClipBatch.collate([clips[i] for i in range(args.clips)])
         video = batch.clips.to(device).float() / 255
         r = rate(lambda v=video: motion_masks(v), args.clips, device, args.warmup, args.repeats)
-        rows.append((f"motion masks, {args.clips} clips × 5 frames × {size}²", "masks/s", r))
+        rows.append((f"motion masks, {args.clips} clips × 5 frames × {size}²", "masks/s", r, f"motion masks, {size}²"))
 
         task = Exemplar(batch_size=args.images, image_size=size).to(device)
         crops = CropDataset(SampleImages("train"), size, length=args.images, train=False)
         images = torch.stack([crops[i][0] for i in range(args.images)]).to(device).float() / 255
         r = rate(lambda t=task, x=images: t.build(x), args.images * task.views, device, args.warmup, args.repeats)
-        rows.append((f"exemplar views, {args.images} images × {task.views} views of {task.view_size}² from {size}² crops", "views/s", r))
+        rows.append((
+            f"exemplar views, {args.images} images × {task.views} views of {task.view_size}² from {size}² crops", "views/s", r,
+            f"exemplar views, {size}² crops",
+        ))
 
         loader = DataLoader(
             ClipDataset(SampleVideos("train"), size, 5, 2, length=8 * args.clips),
@@ -99,7 +101,10 @@ def main(argv: list[str] | None = None) -> None:
                 pass
 
         r = rate(decode, 8 * args.clips, torch.device("cpu"), 1, max(2, args.repeats // 2))
-        rows.append((f"clip decoding (CPU, 2 workers), 5 frames stride 2 → {size}², sample video 640×272", "clips/s", r))
+        rows.append((
+            f"clip decoding (CPU, 2 workers), 5 frames stride 2 → {size}², sample video 640×272", "clips/s", r,
+            f"clip decoding → {size}²",
+        ))
 
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "the CPU (no CUDA device)"
     lines = [
@@ -114,20 +119,17 @@ def main(argv: list[str] | None = None) -> None:
         "| what | unit | rate |",
         "|---|---|---:|",
     ]
-    lines += [f"| {what} | {unit} | {cell(r)} |" for what, unit, r in rows]
+    lines += [f"| {what} | {unit} | {cell(r)} |" for what, unit, r, _ in rows]
     lines += ["", bar_chart(
         "video_tasks",
-        [f"{what.split(',')[0].split(' (')[0]} ({unit}), {size}²" for (what, unit, _), size in zip(rows, sizes)],
-        [statistics.median(r) for _, _, r in rows],
+        [f"{short} ({unit})" for _, unit, _, short in rows],
+        [statistics.median(r) for _, _, r, _ in rows],
         f"Video-task throughput on {where}",
         "items per second (median; bars: min–max), log scale",
-        low=[min(r) for _, _, r in rows], high=[max(r) for _, _, r in rows], log=True, output=args.output,
+        low=[min(r) for _, _, r, _ in rows], high=[max(r) for _, _, r, _ in rows], log=True, output=args.output, write=not args.no_write,
     )]
     body = "\n".join(lines) + "\n"
-    print(body)
-    if not args.no_write:
-        write_section(args.output, SECTION, body)
-        print(f"wrote {args.output}")
+    publish(body, SECTION, args.output, write=not args.no_write)
 
 
 if __name__ == "__main__":
