@@ -100,17 +100,6 @@ class ImageSource:
     def __len__(self) -> int:
         return len(self.names)
 
-    def check(self, mode: ImageCheck = "header") -> ImageSource:
-        """This source without its unusable files (screened in the main process, before training).
-
-        Warns once per unusable file (name and reason) and logs the count; ``mode`` says how
-        hard to look (:data:`ImageCheck`). Sources held in memory are always usable.
-
-        Raises:
-            ValueError: no file is usable (the message names the source, the reasons and the fix).
-        """
-        return self
-
     def load(self, i: int) -> Image.Image:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -166,6 +155,14 @@ class ImageFolder(ImageSource):
         return f"{len(self)} images under {self.root}"
 
     def check(self, mode: ImageCheck = "header") -> ImageFolder:
+        """This folder without its unusable files (screened in the main process, before training).
+
+        Warns once per unusable file (name and reason) and logs the count; ``mode`` says how
+        hard to look (:data:`ImageCheck`).
+
+        Raises:
+            ValueError: no file is usable (the message names the folder, the reasons and the fix).
+        """
         if mode == "none":
             return self
         if mode not in ("header", "decode"):
