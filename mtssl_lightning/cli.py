@@ -7,6 +7,7 @@ Pretraining configs give ``model:``/``data:`` as :class:`MultiTaskSSL` /
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import zipfile
@@ -76,38 +77,70 @@ def git_revision() -> str:
 WANDB_RUN_KEY = "mtssl_wandb_run_id"
 
 
-def _resolve_resume_path(ckpt_path: str | None, trainer: pl.Trainer) -> Path | None:
-    """The checkpoint file ``--ckpt_path`` means (``last``: the newest ``last*.ckpt`` of the checkpoint folders)."""
+def _class_of(config: Any) -> type | None:
+    """The class a ``{class_path, init_args}`` config node names, or ``None``."""
+    class_path = getattr(config, "class_path", None)
+    if not isinstance(class_path, str):
+        return None
+    module, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name, None)
+    except ImportError:
+        return None
+
+
+def _as_list(node: Any) -> list[Any]:
+    return [] if node is None or isinstance(node, bool) else list(node) if isinstance(node, list) else [node]
+
+
+def resume_checkpoint(ckpt_path: str | None, callbacks: Any) -> Path | None:
+    """The file ``--ckpt_path`` means, from the *config* (before anything is built): ``last`` is the
+    newest ``last*.ckpt`` in the folders of the configured ``ModelCheckpoint`` callbacks."""
     if ckpt_path is None or "://" in str(ckpt_path):
         return None
     if ckpt_path == "last":
-        found = [
-            path
-            for callback in trainer.checkpoint_callbacks
-            if isinstance(callback, ModelCheckpoint) and callback.dirpath
-            for path in Path(callback.dirpath).glob(f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}*{ModelCheckpoint.FILE_EXTENSION}")
+        folders = [
+            Path(node.init_args.dirpath)
+            for node in _as_list(callbacks)
+            if (cls := _class_of(node)) is not None and issubclass(cls, ModelCheckpoint) and getattr(node.init_args, "dirpath", None)
         ]
+        pattern = f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}*{ModelCheckpoint.FILE_EXTENSION}"
+        found = [path for folder in folders for path in folder.glob(pattern)]
         return max(found, key=lambda p: p.stat().st_mtime) if found else None
     path = Path(ckpt_path)
     return path if path.is_file() else None
 
 
-def continue_wandb_run(trainer: pl.Trainer, ckpt_path: str | None) -> None:
-    """Point the trainer's W&B loggers at the run recorded in the checkpoint being resumed.
+def continue_wandb_run(config: Any) -> None:
+    """Point the configured W&B loggers at the run recorded in the checkpoint being resumed.
 
-    Must run before anything touches ``logger.experiment`` (Lightning creates the experiment
-    when fitting starts, before any callback's ``setup``); the CLI calls it right after building
-    the Trainer. A logger given an explicit ``id`` keeps it.
+    Sets ``id`` in the ``WandbLogger``'s init args of the fit config (Lightning's ``WandbLogger``
+    resumes a given id: it passes ``resume="allow"``); a logger given an ``id`` or ``version``
+    keeps it. Called before the logger is built.
     """
-    path = _resolve_resume_path(ckpt_path, trainer)
+    path = resume_checkpoint(config.get("ckpt_path"), config.trainer.get("callbacks"))
     if path is None:
         return
     # mmap: read one key of a possibly multi-GB checkpoint without loading its tensors
     run_id = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get(WANDB_RUN_KEY)
-    for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger) and run_id and logger._experiment is None and not logger._id:
-            logger._wandb_init["id"] = logger._id = run_id  # WandbLogger's own fields for a given id
-            logger._wandb_init["resume"] = "allow"
+    if not run_id:
+        return
+    for node in _as_list(config.trainer.get("logger")):
+        cls = _class_of(node)
+        if cls is not None and issubclass(cls, WandbLogger) and not node.init_args.get("id") and not node.init_args.get("version"):
+            node.init_args.id = run_id
+
+
+def quiet_unset_wandb_anonymous(logger: WandbLogger) -> None:
+    """Stop ``logger`` from passing ``anonymous=None`` to ``wandb.init``, which makes W&B 0.23+ warn on
+    every run that the (removed) setting has no effect.
+
+    Lightning 2.6's ``WandbLogger`` always puts ``anonymous`` into its private ``_wandb_init`` and
+    has no public way to leave it out; this is the one place that touches it (a test fails when
+    Lightning changes that, so that this can go).
+    """
+    if logger._wandb_init.get("anonymous", "set") is None:
+        del logger._wandb_init["anonymous"]
 
 
 class RunRecord(SaveConfigCallback):
@@ -151,17 +184,23 @@ class MTSSLCLI(LightningCLI):
         if subcommand is not None:
             check_ckpt_path(self.config[subcommand].get("ckpt_path"))
 
+    def before_instantiate_classes(self) -> None:
+        """When resuming a fit, continue the W&B run recorded in the checkpoint (see :func:`continue_wandb_run`)."""
+        if self.subcommand == "fit":
+            continue_wandb_run(self.config["fit"])
+
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         """The configured Trainer plus, unless the config already has them, the callbacks every
         run gets: :class:`PreemptionCheckpoint` (SIGTERM saves a checkpoint that ``--ckpt_path
         last`` resumes) and :class:`TrainingDashboard` (learning rates, throughput, data-wait
-        share, task pictures, lasso heatmap); when resuming a fit, the W&B run of the checkpoint."""
+        share, task pictures, lasso heatmap)."""
         trainer = super().instantiate_trainer(**kwargs)
         for default in (PreemptionCheckpoint, TrainingDashboard):
             if not any(isinstance(callback, default) for callback in trainer.callbacks):
                 trainer.callbacks.append(default())
-        if self.subcommand == "fit":
-            continue_wandb_run(trainer, self.config["fit"].get("ckpt_path"))
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                quiet_unset_wandb_anonymous(logger)
         return trainer
 
     def after_fit(self) -> None:

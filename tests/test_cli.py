@@ -150,3 +150,20 @@ def test_distributed_overlays_compose_with_a_paper_config(overlay, capsys):
     assert exit_info.value.code in (0, None)
     printed = capsys.readouterr().out
     assert "strategy:" in printed and "devices: 8" in printed
+
+
+def test_wandb_anonymous_workaround_still_needed_and_effective(tmp_path):
+    """Lightning 2.6's WandbLogger always passes ``anonymous`` to ``wandb.init`` (W&B then warns on every
+    run); ``quiet_unset_wandb_anonymous`` removes it when unset. If Lightning stops storing its init
+    arguments in ``_wandb_init`` or stops passing ``anonymous``, this fails: drop the workaround then."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    from mtssl_lightning.cli import quiet_unset_wandb_anonymous
+
+    logger = WandbLogger(save_dir=str(tmp_path), offline=True)
+    assert logger._wandb_init["anonymous"] is None  # what Lightning does today
+    quiet_unset_wandb_anonymous(logger)
+    assert "anonymous" not in logger._wandb_init
+    chosen = WandbLogger(save_dir=str(tmp_path), offline=True, anonymous=True)
+    quiet_unset_wandb_anonymous(chosen)
+    assert chosen._wandb_init["anonymous"] == "allow"  # a user's own choice is kept

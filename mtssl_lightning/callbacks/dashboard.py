@@ -87,6 +87,8 @@ class TrainingDashboard(Callback):
         self._step_start = time.perf_counter()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # not Lightning's ThroughputMonitor: it synchronises CUDA after every step (a host sync the
+        # training step is meant not to have) and has no data-wait share
         now = time.perf_counter()
         if self._step_start is not None and self._last_end is not None:
             wait, compute = self._step_start - self._last_end, now - self._step_start
@@ -104,6 +106,8 @@ class TrainingDashboard(Callback):
         self._last_end = time.perf_counter()  # after our own work, so pictures do not count as data wait
 
     def _log_learning_rates(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # not Lightning's LearningRateMonitor: it names an optimizer without a scheduler after its
+        # class ("lr-RMSprop-2"), not after its task, so the dashboard's keys would depend on the config
         optimizers = trainer.optimizers
         tasks = list(getattr(pl_module, "tasks", {}))
         if len(optimizers) == 1:

@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 class PreemptionCheckpoint(Callback):
     """On SIGTERM during ``fit``: save a checkpoint of the last completed step, then let the run stop.
 
+    (Not Lightning's ``OnExceptionCheckpoint``: it saves on every exception, also one raised in the
+    middle of a step, needs its folder when it is built, and deletes its file at teardown — here
+    the ``ModelCheckpoint``'s ``last.ckpt``, where ``--ckpt_path last`` looks.)
+
     Args:
         filename: file name used when the trainer has no ``ModelCheckpoint`` with a folder
             (saved in ``trainer.default_root_dir``).

@@ -2,32 +2,33 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
-from torchmetrics import Metric
+from torchmetrics.aggregation import MeanMetric
 
 __all__ = ["HitRate"]
 
 
-class HitRate(Metric):
-    """Share of hits among counted items, summed over updates and processes (float64 counts).
+class HitRate(MeanMetric):
+    """Share of hits among counted items, over updates and processes: torchmetrics' ``MeanMetric`` of
+    the per-item hit flags, kept in float64 (exact counts beyond 2^24 items, e.g. pixels).
 
     Subclasses decide in ``update`` what a hit is and pass a boolean tensor to :meth:`count`;
-    ``compute() = hits / total`` (0 before any item is counted).
+    ``compute() = hits / total`` as float32 (0 before any item is counted). NaN checks are off:
+    hit flags are never NaN, and the check would cost a host sync on every update.
     """
 
-    full_state_update = False
     higher_is_better = True
 
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.add_state("hits", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("total", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(nan_strategy="disable", **kwargs)
+        self.set_dtype(torch.float64)
 
     def count(self, hits: Tensor) -> None:
         """Add a boolean tensor of per-item hits (any shape)."""
-        self.hits += hits.sum().to(torch.float64)
-        self.total += float(hits.numel())
+        MeanMetric.update(self, hits.reshape(-1))
 
     def compute(self) -> Tensor:
-        return (self.hits / self.total.clamp_min(1.0)).to(torch.float32)
+        return (self.mean_value / self.weight.clamp_min(1.0)).to(torch.float32)

@@ -1,4 +1,5 @@
-"""Drawing helpers for the tasks' ``pictures`` (W&B media, notebooks): batched tensor ops only.
+"""Drawing helpers for the tasks' ``pictures`` (W&B media, notebooks), on torchvision's ``make_grid`` and
+``draw_segmentation_masks`` where they fit.
 
 Everything works on ``(N, 3, H, W)`` float RGB in [0, 1] on any device; the tasks move the
 finished picture to the CPU. Layout conventions (relied on by the tests and handy when reading a
@@ -13,6 +14,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torchvision.utils import draw_segmentation_masks, make_grid
 
 #: outline colours: a correct prediction, a wrong one
 GREEN = (0.0, 1.0, 0.0)
@@ -67,6 +69,9 @@ def colour_tensor(colour: Colour, count: int, device: torch.device) -> Tensor:
 def outline(images: Tensor, colour: Colour, width: int = 2) -> Tensor:
     """Frame every image with a ``width``-pixel border of ``colour``, drawn *outside* the image.
 
+    (Not ``torchvision.utils.draw_bounding_boxes``: it draws over the image's own border pixels,
+    and a picture of a task's input should show every pixel the trunk saw.)
+
     ``(N, 3, H, W)`` -> ``(N, 3, H + 2·width, W + 2·width)``; the image's own pixels are kept
     unchanged in the middle. ``colour`` is one RGB triple or one per image ``(N, 3)``.
     """
@@ -78,15 +83,18 @@ def outline(images: Tensor, colour: Colour, width: int = 2) -> Tensor:
 
 
 def overlay(images: Tensor, masks: Tensor, colour: Colour, alpha: float = 0.5) -> Tensor:
-    """Tint ``images`` with ``colour`` where ``masks`` is set: ``(1 - α·m)·x + α·m·colour``.
+    """Tint ``images`` with ``colour`` where ``masks`` is set: ``(1 - α)·x + α·colour`` there, ``x`` elsewhere.
 
     Args:
         images: ``(N, 3, H, W)`` in [0, 1].
-        masks: ``(N, 1, h, w)`` in [0, 1] (binary or soft); resized to ``(H, W)`` with
+        masks: ``(N, 1, h, w)``, binary (a value ≥ 0.5 counts as set); resized to ``(H, W)`` with
             nearest-neighbour interpolation when the sizes differ (exact block repeat for an
             integer factor, e.g. a 1/4-resolution target).
-        colour: one RGB triple or one per image ``(N, 3)``.
+        colour: one RGB triple in [0, 1] (torchvision takes 8-bit colours: ``round(255·c)``).
         alpha: opacity of the tint.
+
+    Each image is drawn by ``torchvision.utils.draw_segmentation_masks`` (one image per call:
+    a few pictures every few hundred steps, not a hot path).
     """
     images = as_rgb(images)
     masks = masks.to(device=images.device, dtype=torch.float32)
@@ -94,28 +102,27 @@ def overlay(images: Tensor, masks: Tensor, colour: Colour, alpha: float = 0.5) -
         raise ValueError(f"masks must be (N, 1, h, w) for {tuple(images.shape)} images, got {tuple(masks.shape)}")
     if masks.shape[-2:] != images.shape[-2:]:
         masks = F.interpolate(masks, size=images.shape[-2:], mode="nearest")
-    weight = alpha * masks.clamp(0.0, 1.0)
-    return images * (1.0 - weight) + colour_tensor(colour, images.shape[0], images.device) * weight
+    rgb = tuple(round(255 * float(c)) for c in colour)
+    return torch.stack([draw_segmentation_masks(x, m >= 0.5, alpha=alpha, colors=rgb) for x, m in zip(images, masks)])
 
 
 def grid(tiles: Tensor, padding: int = PADDING, pad_value: float = BACKGROUND) -> Tensor:
     """One picture of an ``R × C`` grid of equally sized tiles: ``(R, C, 3, h, w)`` -> ``(3, H, W)``.
 
     ``H = R·(h + padding) + padding``, ``W = C·(w + padding) + padding``; tile ``(r, c)`` is at
-    :func:`tile` ``(picture, r, c, h, w, padding)``. ``(N, 3, h, w)`` is read as one row.
+    :func:`tile` ``(picture, r, c, h, w, padding)``. ``(N, 3, h, w)`` is read as one row. This is
+    ``torchvision.utils.make_grid``'s layout; a single tile is padded here too (``make_grid``
+    returns one image without its padding, which would break that layout).
     """
     if tiles.ndim == 4:
         tiles = tiles[None]
     if tiles.ndim != 5 or tiles.shape[2] not in (1, 3):
         raise ValueError(f"grid needs (R, C, 3, h, w) or (N, 3, h, w) tiles, got shape {tuple(tiles.shape)}")
-    rows, cols = tiles.shape[:2]
-    height, width = tiles.shape[-2:]
+    cols = tiles.shape[1]
     tiles = as_rgb(tiles.flatten(0, 1))
-    # pad right and bottom of every tile, lay them out, then pad the top-left edge once
-    padded = F.pad(tiles, (0, padding, 0, padding), value=pad_value)
-    padded = padded.view(rows, cols, 3, height + padding, width + padding)
-    sheet = padded.permute(2, 0, 3, 1, 4).reshape(3, rows * (height + padding), cols * (width + padding))
-    return F.pad(sheet, (padding, 0, padding, 0), value=pad_value)
+    if tiles.shape[0] == 1:
+        return F.pad(tiles[0], (padding,) * 4, value=pad_value)
+    return make_grid(tiles, nrow=cols, padding=padding, pad_value=pad_value)
 
 
 def tile(picture: Tensor, row: int, col: int, height: int, width: int, padding: int = PADDING) -> Tensor:
