@@ -91,13 +91,13 @@ class GridPatches:
     """
 
     def __init__(self, task: RelativePosition) -> None:
-        if task.pairs != "all" or task.colour != "drop":
+        if task.sampler.pairs != "all" or task.sampler.colour != "drop":
             raise ValueError("the baseline implements pairs='all' with colour='drop' only")
-        self.patch_size, self.gap, self.jitter, self.grid = task.patch_size, task.gap, task.jitter, task.grid
-        self.downsample_fraction = task.downsample_fraction
-        self.low = max(1, round(task.downsample_scale[0] * task.patch_size))
-        self.high = max(self.low, round(task.downsample_scale[1] * task.patch_size))
-        self.first, self.second, self.labels = pair_table(task.grid).unbind(dim=1)
+        self.patch_size, self.gap, self.jitter, self.grid = task.sampler.patch_size, task.sampler.gap, task.sampler.jitter, task.sampler.grid
+        self.downsample_fraction = task.sampler.downsample_fraction
+        self.low = max(1, round(task.sampler.downsample_scale[0] * task.sampler.patch_size))
+        self.high = max(self.low, round(task.sampler.downsample_scale[1] * task.sampler.patch_size))
+        self.first, self.second, self.labels = pair_table(task.sampler.grid).unbind(dim=1)
         self.fill = torch.tensor(DROP_FILL_RGB).view(3, 1, 1)
 
     def __call__(self, image: Tensor) -> dict[str, Tensor]:
@@ -137,7 +137,7 @@ class LabTargets:
 
     def __init__(self, task: Colorization) -> None:
         self.centres = task.centres.clone()
-        self.output_stride, self.neighbours, self.sigma = task.output_stride, task.neighbours, task.sigma
+        self.output_stride, self.neighbours, self.sigma = task.sampler.output_stride, task.sampler.neighbours, task.sampler.sigma
 
     def __call__(self, image: Tensor) -> dict[str, Tensor]:
         lab = kornia.color.rgb_to_lab(image)

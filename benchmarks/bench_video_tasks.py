@@ -85,9 +85,9 @@ def main(argv: list[str] | None = None) -> None:
         task = Exemplar(batch_size=args.images, image_size=size).to(device)
         crops = CropDataset(SampleImages("train"), size, length=args.images, train=False)
         images = torch.stack([crops[i][0] for i in range(args.images)]).to(device).float() / 255
-        r = rate(lambda t=task, x=images: t.build(x), args.images * task.views, device, args.warmup, args.repeats)
+        r = rate(lambda t=task, x=images: t.build(x), args.images * task.sampler.views, device, args.warmup, args.repeats)
         rows.append((
-            f"exemplar views, {args.images} images × {task.views} views of {task.view_size}² from {size}² crops", "views/s", r,
+            f"exemplar views, {args.images} images × {task.sampler.views} views of {task.sampler.view_size}² from {size}² crops", "views/s", r,
             f"exemplar views, {size}² crops",
         ))
 

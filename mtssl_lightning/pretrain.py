@@ -1,9 +1,10 @@
 """``MultiTaskSSL``: the shared trunk plus a dictionary of self-supervised tasks.
 
-One training step: every task receives its own named sub-batch, builds its inputs and targets
-on the device (``on_after_batch_transfer``), the shared trunk embeds them, the task reads the
-block-3 output ("naive") or its own lasso mix of block 3's units, its head and loss run, and
-per-task losses and metrics are logged under ``{stage}/{task}/…``. Two ways to combine tasks:
+One training step: every task receives its own ready batch (inputs and targets, built on the
+device by the task's sampler in the DataModule's ``on_after_batch_transfer``), the shared trunk
+embeds it, the task reads the block-3 output ("naive") or its own lasso mix of block 3's units,
+its head and loss run, and per-task losses and metrics are logged under ``{stage}/{task}/…``.
+Two ways to combine tasks:
 
 * ``combine: sum`` — the step's loss is ``Σ_t loss_weight_t · loss_t`` (+ the lasso penalty),
   one optimizer;
@@ -12,9 +13,12 @@ per-task losses and metrics are logged under ``{stage}/{task}/…``. Two ways to
   optimization), each with its own LR schedule and gradient clipping; tasks need no loss
   weights. ``task_ratios`` runs a task on only a share of the steps.
 
-Under :class:`~mtssl_lightning.distributed.TaskParallelStrategy` each rank trains only its
-tasks (``active_tasks``) and the strategy averages gradients (trunk over all ranks, a head over
-its task's ranks) after every backward pass. Single-task training is the same module with one task.
+Under a task-parallel strategy (:class:`~mtssl_lightning.interfaces.TaskParallel`, e.g.
+:class:`~mtssl_lightning.distributed.TaskParallelStrategy`) each rank trains only its tasks
+(``active_tasks``) and the strategy averages gradients (trunk over all ranks, a head over its
+task's ranks) after every backward pass; the module offers it its shared and per-task modules
+(:class:`~mtssl_lightning.interfaces.TaskModules`). Single-task training is the same module with
+one task.
 """
 
 from __future__ import annotations
@@ -31,9 +35,9 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from mtssl_lightning.data.batch import ClipBatch, DataRequest, ImageBatch, TaskBatch
-from mtssl_lightning.distributed.task_parallel import TaskParallelStrategy
-from mtssl_lightning.tasks.base import Task
+from mtssl_lightning.data.batch import TaskBatch
+from mtssl_lightning.interfaces import TaskParallel, tasks_of_rank
+from mtssl_lightning.tasks.base import Task, TaskSampler
 from mtssl_lightning.trunks import ResNetV2, Trunk
 from mtssl_lightning.trunks.base import apply_speed_options
 from mtssl_lightning.trunks.lasso import LassoInit, UnitMixer
@@ -57,8 +61,6 @@ class MultiTaskSSL(pl.LightningModule):
             optimizer family; the paper's exact settings are not published). With
             ``combine: alternate`` it is called once per task.
         lr_scheduler: optional; stepped every training step (per optimizer).
-        val_seed: seed of the task-side randomness in validation (patch positions, …), so
-            validation inputs are identical every epoch.
         pixel_scale: multiplies every task's pixel sizes (crop size, patch size, gap, …) before
             the heads are built; ``configs/tiny.yaml`` uses 0.25 to shrink any experiment.
         mixing: ``"naive"`` (every head reads the block-3 output) or ``"lasso"`` (each task
@@ -91,7 +93,6 @@ class MultiTaskSSL(pl.LightningModule):
         trunk: Trunk | None = None,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
-        val_seed: int = 1234,
         pixel_scale: float = 1.0,
         mixing: Mixing = "naive",
         lasso_penalty: float = 1e-3,
@@ -160,7 +161,6 @@ class MultiTaskSSL(pl.LightningModule):
         )
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
-        self.val_seed = val_seed
         self.combine, self.task_ratios, self.gradient_clip_val = combine, task_ratios, gradient_clip_val
         self.channels_last, self.compile_trunk = channels_last, compile
         self.nonfinite = nonfinite
@@ -169,60 +169,39 @@ class MultiTaskSSL(pl.LightningModule):
         if grad_norm_every_n_steps < 0:
             raise ValueError(f"`grad_norm_every_n_steps` must be >= 0, got {grad_norm_every_n_steps}")
         self.grad_norm_every_n_steps = grad_norm_every_n_steps
-        #: images (or clips) in the last training batch, over all tasks (read by TrainingDashboard)
+        #: images (or clips) the last training batch was built from, over all tasks (read by TrainingDashboard)
         self.last_batch_samples = 0
         self.automatic_optimization = combine == "sum"
-        self._val_batches_seen = 0
         self._train_steps = 0  # training batches done (saved in checkpoints; drives task_ratios)
 
-    # ------------------------------------------------------------------- data
+    # ---------------------------------------------- what the DataModule and strategy ask
+    def task_samplers(self) -> dict[str, TaskSampler]:
+        """``{task: sampler}`` in task order, for the DataModule (:class:`~mtssl_lightning.data.sampler.TaskSamplerProvider`)."""
+        return {name: task.sampler for name, task in self.tasks.items()}
+
+    def task_names(self) -> list[str]:
+        """The tasks, in the order they are stepped and logged (:class:`~mtssl_lightning.interfaces.TaskModules`)."""
+        return list(self.tasks)
+
+    def shared_modules(self) -> list[nn.Module]:
+        """What every task trains: the trunk (:class:`~mtssl_lightning.interfaces.TaskModules`)."""
+        return [self.trunk]
+
+    def task_modules(self, name: str) -> list[nn.Module]:
+        """What belongs to task ``name`` alone: the task (its head) and, in lasso mode, its mixer."""
+        return [self.tasks[name], self.mixers[name]] if self.mixing == "lasso" else [self.tasks[name]]
+
     @property
-    def _task_parallel(self) -> TaskParallelStrategy | None:
+    def _task_parallel(self) -> TaskParallel | None:
         """The trainer's strategy when it is task-parallel, else ``None``."""
         strategy = self._trainer.strategy if self._trainer is not None else None
-        return strategy if isinstance(strategy, TaskParallelStrategy) else None
+        return strategy if isinstance(strategy, TaskParallel) else None
 
     def active_tasks(self) -> list[str]:
         """The tasks this process trains: all, or under a task-parallel strategy this rank's."""
-        if self._task_parallel is None:
+        if self._trainer is None:
             return list(self.tasks)
-        mine = self._task_parallel.tasks_of_rank(self.global_rank)
-        return [name for name in self.tasks if name in mine]
-
-    def data_requests(self, training: bool = False) -> dict[str, DataRequest]:
-        """What each task needs from the DataModule (read by ``MultiTaskDataModule``); for
-        training only this rank's :meth:`active_tasks` (validation always covers every task)."""
-        names = self.active_tasks() if training else list(self.tasks)
-        return {name: self.tasks[name].data_request() for name in names}
-
-    def build_task_batches(self, batch: dict[str, ImageBatch | ClipBatch | None]) -> dict[str, TaskBatch | None]:
-        """Let each task turn its uint8 images (or clips) into inputs and targets, on the batch's device."""
-        out: dict[str, TaskBatch | None] = {}
-        with torch.no_grad():
-            for name, task in self.tasks.items():
-                sub = batch.get(name)
-                out[name] = None if sub is None else task.prepare(sub)
-        return out
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if isinstance(batch, (ImageBatch, ClipBatch)):  # prediction: one task's loader at a time, in task order
-            batch = {list(self.tasks)[dataloader_idx]: batch}
-        if not isinstance(batch, dict):
-            return batch
-        if self.trainer.training:
-            self._skipped_files += sum(sub.skipped for sub in batch.values() if sub is not None)
-            self.last_batch_samples = sum(len(sub) for sub in batch.values() if sub is not None)
-            return self.build_task_batches(batch)
-        # validation/test: fixed randomness per batch, so every epoch sees the same inputs
-        seed = self.val_seed + 1_000_003 * self.global_rank + self._val_batches_seen
-        self._val_batches_seen += 1
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            return self.build_task_batches(batch)
-
-    def on_validation_epoch_start(self) -> None:
-        self._val_batches_seen = 0
+        return tasks_of_rank(self._trainer.strategy, self.global_rank, list(self.tasks))
 
     # ------------------------------------------------------------------- speed
     def on_fit_start(self) -> None:
@@ -327,6 +306,11 @@ class MultiTaskSSL(pl.LightningModule):
 
     def training_step(self, batch: dict[str, TaskBatch | None], batch_idx: int) -> Tensor | None:
         names = self.active_tasks()
+        present = {name: sub for name, sub in batch.items() if sub is not None}
+        self._skipped_files += sum(sub.skipped for sub in present.values())
+        self.last_batch_samples = sum(sub.samples for sub in present.values())
+        for name, sub in present.items():  # state that belongs to the loss (colorization's bin prior)
+            self.tasks[name].observe(sub)
         # a plain number, no collective: files skipped by this rank's workers so far (warned about each)
         self.log("train/skipped_files", float(self._skipped_files), on_step=True, on_epoch=False, batch_size=1)
         if self.mixing == "lasso":
@@ -408,13 +392,9 @@ class MultiTaskSSL(pl.LightningModule):
         return {name: self.task_forward(name, sub) for name, sub in batch.items() if sub is not None}
 
     # -------------------------------------------------------------- optimizers
-    def head_modules(self, name: str) -> list[nn.Module]:
-        """What belongs to task ``name`` alone: the task (its head) and, in lasso mode, its mixer."""
-        return [self.tasks[name], self.mixers[name]] if self.mixing == "lasso" else [self.tasks[name]]
-
     def task_parameters(self, name: str) -> list[nn.Parameter]:
         """Parameters one task's optimizer updates in alternate mode: trunk, its head, its lasso weights."""
-        return [*self.trunk.parameters(), *(p for m in self.head_modules(name) for p in m.parameters())]
+        return [*self.trunk.parameters(), *(p for m in self.task_modules(name) for p in m.parameters())]
 
     def _make_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         if self.optimizer_factory is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
-from toy_tasks import Brightness
+from toy_tasks import Brightness, build_batches
 
 from mtssl_lightning import MultiTaskDataModule, MultiTaskSSL
 from mtssl_lightning.data import ImageBatch
@@ -38,7 +38,7 @@ def _batch(model: MultiTaskSSL) -> dict:
         name: ImageBatch(torch.randint(0, 255, (task.batch_size, 3, 32, 32), generator=g, dtype=torch.uint8), torch.arange(task.batch_size))
         for name, task in model.tasks.items()
     }
-    return model.build_task_batches(images)
+    return build_batches(model, images)
 
 
 # --------------------------------------------------------------------------------------------

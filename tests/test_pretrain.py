@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
-from toy_tasks import Brightness
+from toy_tasks import Brightness, build_batches
 
 from mtssl_lightning import MultiTaskDataModule, MultiTaskSSL, export_trunk, load_trunk
 from mtssl_lightning.data import ImageBatch
@@ -40,7 +40,7 @@ def test_step_uses_every_task_and_weights_the_losses():
         "b": ImageBatch(torch.randint(0, 255, (3, 3, 32, 32), dtype=torch.uint8), torch.arange(3)),
     }
     torch.manual_seed(0)
-    batch = model.build_task_batches(images)
+    batch = build_batches(model, images)
     assert batch["a"].inputs.shape == (2, 3, 32, 32) and batch["b"].inputs.shape == (3, 3, 32, 32)
     model.log = lambda *a, **k: None  # no trainer attached: logging is not under test here
     model.log_dict = lambda *a, **k: None
@@ -133,6 +133,6 @@ def test_loading_a_malicious_checkpoint_runs_no_code(tmp_path):
 
 def test_pixel_scale_shrinks_task_pixel_sizes():
     model = MultiTaskSSL(tasks={"b": Brightness(image_size=224)}, trunk=ResNetV2("tiny", width=0.125), pixel_scale=0.25)
-    assert model.data_requests()["b"].image_size == 56
+    assert MultiTaskDataModule(samplers=model.task_samplers()).requests["b"].image_size == 56
     with pytest.raises(ValueError, match="pixel_scale"):
         MultiTaskSSL(tasks={"b": Brightness()}, trunk=ResNetV2("tiny", width=0.125), pixel_scale=0)

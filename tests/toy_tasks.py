@@ -15,8 +15,9 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torchmetrics import MeanSquaredError, MetricCollection
 
-from mtssl_lightning.data.batch import TaskBatch
-from mtssl_lightning.tasks.base import Task
+from mtssl_lightning.data.batch import ClipBatch, ImageBatch, TaskBatch
+from mtssl_lightning.data.datamodule import MultiTaskDataModule
+from mtssl_lightning.tasks.base import InputMode, Task, TaskSampler
 
 
 @dataclass
@@ -24,14 +25,19 @@ class BrightnessBatch(TaskBatch):
     target: Tensor  # (B,)
 
 
-class Brightness(Task):
-    def build_head(self, channels: int, stride: int) -> nn.Module:
-        return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 1))
-
-    def build(self, images: Tensor) -> BrightnessBatch:
-        scale = torch.rand(images.shape[0], 1, 1, 1, device=images.device)
+class BrightnessSampler(TaskSampler):
+    def build(self, images: Tensor, generator: torch.Generator | None = None) -> BrightnessBatch:
+        scale = torch.rand(images.shape[0], 1, 1, 1, device=images.device, generator=generator)
         inputs = self.harmonize(images * scale)
         return BrightnessBatch(inputs=inputs, target=inputs.mean(dim=(1, 2, 3)))
+
+
+class Brightness(Task):
+    def __init__(self, batch_size: int = 32, image_size: int = 224, loss_weight: float = 1.0, input_mode: InputMode = "rgb") -> None:
+        super().__init__(BrightnessSampler(batch_size, image_size, input_mode), loss_weight)
+
+    def build_head(self, channels: int, stride: int) -> nn.Module:
+        return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 1))
 
     def forward(self, features: Tensor, batch: TaskBatch) -> Tensor:
         return super().forward(features, batch).squeeze(1)
@@ -91,3 +97,8 @@ data:
   steps_per_epoch: 2
   val_samples: 2
 """
+
+
+def build_batches(model, raw: dict[str, ImageBatch | ClipBatch | None], training: bool = True) -> dict[str, TaskBatch | None]:
+    """Ready task batches from raw ``{task: ImageBatch}``, as the DataModule makes them for ``model``'s tasks."""
+    return MultiTaskDataModule(samplers=model.task_samplers()).build(raw, training=training)

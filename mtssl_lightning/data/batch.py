@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -19,11 +19,14 @@ class ImageBatch:
         index: ``(B,)`` ``int64`` index of each image in its source (for tracing samples).
         skipped: files the worker found undecodable while making this batch (each was replaced
             by the next good image, warned about once and is avoided from then on).
+        position: index in its dataset of the batch's first sample (set by the DataModule's
+            loaders, -1 otherwise); validation task inputs are seeded by it.
     """
 
     images: Tensor
     index: Tensor
     skipped: int = 0
+    position: int = -1
 
     @staticmethod
     def collate(samples: list[tuple[Tensor, int]]) -> ImageBatch:
@@ -51,6 +54,7 @@ class ClipBatch:
             (frame ``T // 2``), cropped like the frames, when the source provides masks; else ``None``.
         skipped: videos the worker found undecodable while making this batch (replaced by the
             next good one, warned about once and avoided from then on).
+        position: index in its dataset of the batch's first clip (see :class:`ImageBatch`).
     """
 
     clips: Tensor
@@ -58,6 +62,7 @@ class ClipBatch:
     start: Tensor
     masks: Tensor | None = None
     skipped: int = 0
+    position: int = -1
 
     @property
     def key_frame(self) -> int:
@@ -84,13 +89,21 @@ class ClipBatch:
 
 @dataclass
 class TaskBatch:
-    """A task's inputs and targets, built on the device from an :class:`ImageBatch`.
+    """A task's inputs and targets, built on the device from an :class:`ImageBatch` or :class:`ClipBatch`
+    by the task's :class:`~mtssl_lightning.data.sampler.TaskSampler`.
 
     Every task subclasses this with its own targets. ``inputs`` is always what the trunk sees:
     ``(N, 3, h, w)`` float in [0, 1] (N may differ from B, e.g. N = B × patches).
+
+    Attributes:
+        inputs: the trunk's input.
+        samples: images (or clips) the batch was built from (keyword-only; for throughput).
+        skipped: files the workers skipped while making those (keyword-only; for the bad-file count).
     """
 
     inputs: Tensor
+    samples: int = field(default=0, kw_only=True)
+    skipped: int = field(default=0, kw_only=True)
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""``MultiTaskDataModule``: one named sub-batch per task, decoded and resized on CPU workers."""
+"""``MultiTaskDataModule``: one named sub-batch per task — decoded and resized on CPU workers, then
+turned into each task's inputs and targets on the device by the task's sampler."""
 
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.seed import pl_worker_init_function
 from lightning.pytorch.utilities import CombinedLoader
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
-from mtssl_lightning.data.batch import DataRequest
+from mtssl_lightning.data.batch import ClipBatch, DataRequest, ImageBatch, TaskBatch
 from mtssl_lightning.data.datasets import CropDataset
+from mtssl_lightning.data.sampler import TaskSampler, TaskSamplerProvider
 from mtssl_lightning.data.sources import ImageCheck, ImageFolder, ImageSource, SampleImages
 from mtssl_lightning.data.video import (
     VIDEO_EXTENSIONS,
@@ -26,12 +28,41 @@ from mtssl_lightning.data.video import (
     VideoFolder,
     VideoSource,
 )
+from mtssl_lightning.interfaces import tasks_of_rank
 
 log = logging.getLogger(__name__)
+
+#: what the loaders deliver for one task, and what its sampler makes of it on the device
+RawBatch = ImageBatch | ClipBatch
+TaskBatches = dict[str, TaskBatch | None]
 
 
 #: default clips per validation video (and per training video for the default epoch length)
 CLIPS_PER_VIDEO = 8
+
+
+class Positions(Dataset):
+    """A crop or clip dataset whose batches record where they start in it (``batch.position``).
+
+    Validation task inputs are seeded by that position (see
+    :meth:`MultiTaskDataModule.on_after_batch_transfer`), so they are the same every epoch
+    without any counter to reset.
+    """
+
+    def __init__(self, dataset: CropDataset | ClipDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[object, int]:
+        return self.dataset[index], index
+
+    def collate(self, samples: list[tuple[object, int]]) -> RawBatch:
+        """The dataset's own collate (which counts skipped files), plus the first sample's position."""
+        batch = self.dataset.collate([sample for sample, _ in samples])
+        batch.position = samples[0][1]
+        return batch
 
 
 class IdleLoader:
@@ -76,14 +107,23 @@ def open_video_source(root: str, frame_range: tuple[float, float] = (0.0, 1.0)) 
 
 
 class MultiTaskDataModule(pl.LightningDataModule):
-    """Feeds every task of a :class:`~mtssl_lightning.MultiTaskSSL` its own sub-batch.
+    """Feeds every task of a multi-task model its own, complete batch.
 
-    Each training batch is ``{task_name: ImageBatch | ClipBatch}``: image tasks get ``uint8
-    (B_task, 3, S_task, S_task)`` crops, video tasks ``uint8 (B_task, T, 3, S_task, S_task)``
-    clips (and precomputed masks when the source has them), made by CPU workers; the tasks then
-    build their inputs on the device (in ``MultiTaskSSL.on_after_batch_transfer``). What each
-    task needs (source, batch size, crop size, clip length) comes from the model's tasks
-    (``requests``), so it is configured once, on the task.
+    Each training batch is ``{task_name: TaskBatch}``: CPU workers deliver, per task, ``uint8
+    (B_task, 3, S_task, S_task)`` crops (:class:`ImageBatch`) or ``uint8 (B_task, T, 3, S_task,
+    S_task)`` clips with any precomputed masks (:class:`ClipBatch`); after they reach the device,
+    :meth:`on_after_batch_transfer` lets each task's :class:`~mtssl_lightning.data.sampler.TaskSampler`
+    build the task's trunk inputs and targets there (patch grids and pair labels, Lab L and ab
+    targets, exemplar views, motion masks), batched. What each task needs (source, batch size,
+    crop size, clip length) comes from its sampler, so it is configured once, on the task.
+
+    Where the samplers come from: the ``samplers`` argument (a DataModule used on its own, e.g.
+    ``MultiTaskDataModule(samplers=model.task_samplers())``), else, at :meth:`setup`, the attached
+    LightningModule when it is a :class:`~mtssl_lightning.data.sampler.TaskSamplerProvider`
+    (:class:`~mtssl_lightning.MultiTaskSSL` is). Under a strategy that assigns tasks to ranks
+    (:class:`~mtssl_lightning.interfaces.TaskAssignment`), each rank loads only its tasks' training
+    data. To add your own GPU augmentation, subclass and override :meth:`on_after_batch_transfer`
+    (call ``super()`` for the task batches).
 
     Args:
         image_root: folder of images (recursive, any layout, ImageNet's included); ``None``
@@ -113,7 +153,10 @@ class MultiTaskDataModule(pl.LightningDataModule):
         num_workers: DataLoader worker processes per task loader.
         pin_memory: pin host memory; ``None`` = only when CUDA is available.
         seed: seed of the fixed validation crops.
-        requests: ``{task: DataRequest}``; ``None`` = ask the attached model's tasks.
+        val_seed: seed of the task-side randomness of validation batches (patch positions,
+            views …): each validation batch is built under a seed made of it, the global rank
+            and the batch's position in the validation set, so its inputs are the same every epoch.
+        samplers: ``{task: sampler}`` in task order; ``None`` = ask the attached model at :meth:`setup`.
     """
 
     def __init__(
@@ -131,7 +174,8 @@ class MultiTaskDataModule(pl.LightningDataModule):
         num_workers: int = 2,
         pin_memory: bool | None = None,
         seed: int = 0,
-        requests: dict[str, DataRequest] | None = None,
+        val_seed: int = 1234,
+        samplers: dict[str, TaskSampler] | None = None,
     ) -> None:
         super().__init__()
         if num_workers < 0:
@@ -147,7 +191,8 @@ class MultiTaskDataModule(pl.LightningDataModule):
         self.video_root, self.video_val_root, self.video_val_fraction = video_root, video_val_root, video_val_fraction
         self.steps_per_epoch, self.val_samples = steps_per_epoch, val_samples
         self.min_scale, self.num_workers, self.pin_memory, self.seed = min_scale, num_workers, pin_memory, seed
-        self._requests = requests
+        self.val_seed = val_seed
+        self._samplers = dict(samplers) if samplers is not None else None
         self.train_images: ImageSource | None = None
         self.val_images: ImageSource | None = None
         self.train_videos: VideoSource | None = None
@@ -155,21 +200,33 @@ class MultiTaskDataModule(pl.LightningDataModule):
 
     # ------------------------------------------------------------------ set-up
     @property
-    def requests(self) -> dict[str, DataRequest]:
-        """What each task needs, from the constructor or from the attached model's tasks."""
-        return self._requests_for(training=False)
+    def samplers(self) -> dict[str, TaskSampler]:
+        """``{task: sampler}`` in task order: the constructor's, or the attached model's.
 
-    def _requests_for(self, training: bool) -> dict[str, DataRequest]:
-        """All tasks' requests, or (``training``) those of the tasks this rank trains."""
-        if self._requests is not None:
-            return self._requests
+        Raises:
+            RuntimeError: no samplers were given and no :class:`TaskSamplerProvider` model is attached.
+        """
+        if self._samplers is not None:
+            return self._samplers
         model = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
-        if model is None or not hasattr(model, "data_requests"):
+        if not isinstance(model, TaskSamplerProvider):
             raise RuntimeError(
-                "MultiTaskDataModule does not know the tasks: attach it to a Trainer with a "
-                "MultiTaskSSL model, or pass `requests={name: DataRequest(...)}`"
+                "MultiTaskDataModule does not know the tasks: attach it to a Trainer with a MultiTaskSSL "
+                "model, or pass `samplers=model.task_samplers()` (or `{name: task.sampler}`)"
             )
-        return model.data_requests(training=training)
+        return model.task_samplers()
+
+    @property
+    def requests(self) -> dict[str, DataRequest]:
+        """What each task needs from the data (source, batch size, crop size, clip length), from its sampler."""
+        return {name: sampler.data_request() for name, sampler in self.samplers.items()}
+
+    def training_tasks(self) -> list[str]:
+        """The tasks whose training data this rank loads: all, or the strategy's assignment for this rank."""
+        names = list(self.samplers)
+        if self.trainer is None:
+            return names
+        return tasks_of_rank(self.trainer.strategy, self.trainer.global_rank, names)
 
     def setup(self, stage: str | None = None) -> None:
         """Open the sources the tasks need (images and/or videos); unusable videos are reported here."""
@@ -243,6 +300,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
         return CropDataset(source, request.image_size, length, train, self.min_scale, self.seed)
 
     def _loader(self, dataset: CropDataset | ClipDataset, batch_size: int, train: bool) -> DataLoader:
+        dataset = Positions(dataset)
         return DataLoader(
             dataset,
             batch_size=batch_size,
@@ -260,7 +318,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
         does not train get an :class:`IdleLoader` (no data read; same number of batches), because
         Lightning checks the loaders' lengths with one collective per loader on every rank."""
         requests = self.requests
-        active = self._requests_for(training=True)
+        active = self.training_tasks()
         # default epoch: one pass over the training images (or 8 clips per training video)
         first = self.train_images if self.train_images is not None else self.train_videos
         assert first is not None, "call setup() first"
@@ -294,3 +352,44 @@ class MultiTaskDataModule(pl.LightningDataModule):
         prediction loop only takes "sequential"), in the order of ``requests``."""
         loaders = self.val_dataloader().iterables
         return CombinedLoader(loaders, mode="sequential")
+
+    # --------------------------------------------------------- task batches, on the device
+    def build(self, batch: dict[str, RawBatch | None], training: bool, rank: int = 0) -> TaskBatches:
+        """Each task's inputs and targets from the loaders' ``{task: raw batch}``, on the batch's device.
+
+        Training batches draw their randomness from torch's global RNG; evaluation batches
+        (``training=False``) under a fixed seed: ``val_seed``, ``rank`` and the batch's position
+        in the validation set, so every epoch sees the same inputs. Tasks whose loader is
+        exhausted (``None``) stay ``None``.
+        """
+        samplers = self.samplers
+        if training:
+            return self._build(samplers, batch)
+        present = [(name, raw) for name, raw in batch.items() if raw is not None]
+        name, first = present[0] if present else (None, None)
+        number = max(first.position, 0) // samplers[name].batch_size if first is not None else 0
+        seed = self.val_seed + 1_000_003 * rank + number
+        device = first.images.device if isinstance(first, ImageBatch) else first.clips.device if first is not None else None
+        devices = [device] if device is not None and device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            return self._build(samplers, batch)
+
+    @staticmethod
+    def _build(samplers: dict[str, TaskSampler], batch: dict[str, RawBatch | None]) -> TaskBatches:
+        # in task order (the samplers'), so that the random streams do not depend on the loaders' order
+        return {name: None if batch.get(name) is None else sampler.prepare(batch[name]) for name, sampler in samplers.items() if name in batch}
+
+    def on_after_batch_transfer(self, batch: object, dataloader_idx: int) -> object:
+        """Turn the transferred raw batch into ready task batches (see :meth:`build`).
+
+        Prediction runs one task's loader at a time (in task order): its raw batch becomes
+        ``{task: TaskBatch}``. Anything else that is not a dict of raw batches passes through.
+        """
+        if isinstance(batch, (ImageBatch, ClipBatch)):
+            batch = {list(self.samplers)[dataloader_idx]: batch}
+        if not isinstance(batch, dict):
+            return batch
+        trainer = self.trainer
+        training = trainer is None or trainer.training
+        return self.build(batch, training=training, rank=trainer.global_rank if trainer is not None else 0)

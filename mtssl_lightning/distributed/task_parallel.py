@@ -30,19 +30,32 @@ copied from the first rank that runs it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Sequence
+from typing import Any
 
-import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-from lightning.pytorch.overrides.distributed import _sync_module_states
 from lightning.pytorch.strategies import DDPStrategy
-from torch import nn
+from torch import Tensor, nn
 
-if TYPE_CHECKING:  # the module imports this strategy; only type hints go the other way
-    from mtssl_lightning.pretrain import MultiTaskSSL
+from mtssl_lightning.interfaces import TaskModules
 
-__all__ = ["TaskParallelStrategy"]
+__all__ = ["TaskParallelStrategy", "broadcast_flat"]
+
+
+def broadcast_flat(tensors: Iterable[Tensor], src: int = 0) -> None:
+    """Copy ``src``'s values of ``tensors`` to every rank, in place, with one broadcast per dtype
+    (a flat buffer each) instead of one per tensor."""
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for group in by_dtype.values():
+        flat = torch.cat([t.detach().reshape(-1) for t in group])
+        dist.broadcast(flat, src=src)
+        offset = 0
+        for t in group:
+            t.data.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
 
 
 class TaskParallelStrategy(DDPStrategy):
@@ -71,43 +84,49 @@ class TaskParallelStrategy(DDPStrategy):
         """Global ranks that train task ``name`` (all ranks when it is not listed)."""
         return self.task_ranks.get(name, list(range(self.world_size)))
 
-    def tasks_of_rank(self, rank: int) -> set[str]:
-        """Tasks trained by global rank ``rank`` (read by ``MultiTaskSSL.active_tasks``)."""
-        module = self.lightning_module
-        names = list(module.tasks) if module is not None else list(self.task_ranks)
-        return {name for name in names if rank in self.ranks_of_task(name)}
+    def tasks_of_rank(self, rank: int, tasks: Sequence[str]) -> list[str]:
+        """Those of ``tasks`` that global rank ``rank`` trains (:class:`~mtssl_lightning.interfaces.TaskAssignment`)."""
+        return [name for name in tasks if rank in self.ranks_of_task(name)]
 
-    def _check_assignment(self, module: pl.LightningModule) -> None:
-        unknown = sorted(set(self.task_ranks) - set(module.tasks))
+    def _check_assignment(self, tasks: list[str]) -> None:
+        unknown = sorted(set(self.task_ranks) - set(tasks))
         if unknown:
-            raise ValueError(f"TaskParallelStrategy: `task_ranks` names unknown task(s) {unknown}; the tasks are {sorted(module.tasks)}")
+            raise ValueError(f"TaskParallelStrategy: `task_ranks` names unknown task(s) {unknown}; the tasks are {sorted(tasks)}")
         too_high = {t: r for t, r in self.task_ranks.items() if r[-1] >= self.world_size}
         if too_high:
             raise ValueError(f"TaskParallelStrategy: ranks {too_high} do not exist with {self.world_size} processes (ranks 0..{self.world_size - 1})")
-        idle = [r for r in range(self.world_size) if not self.tasks_of_rank(r)]
+        idle = [r for r in range(self.world_size) if not self.tasks_of_rank(r, tasks)]
         if idle:
             raise ValueError(f"TaskParallelStrategy: rank(s) {idle} run no task; assign every rank at least one task in `task_ranks`")
 
     # ------------------------------------------------------------ no DDP wrapper
     def configure_ddp(self) -> None:
         """Keep the LightningModule unwrapped; start every rank from rank 0's parameters and buffers."""
-        assert isinstance(self.model, pl.LightningModule)
-        self._check_assignment(self.model)
-        _sync_module_states(self.model)
+        module = self.model
+        if not isinstance(module, TaskModules):
+            raise TypeError(
+                f"TaskParallelStrategy trains a multi-task model (shared and per-task modules, "
+                f"mtssl_lightning.interfaces.TaskModules, e.g. MultiTaskSSL); got {type(module).__name__}"
+            )
+        self._check_assignment(module.task_names())
+        if dist.is_available() and dist.is_initialized() and self.world_size > 1:
+            broadcast_flat([*module.parameters(), *module.buffers()], src=0)
 
     # ------------------------------------------------------------ reductions
-    def _parameter_groups(self, module: MultiTaskSSL, task: str | None) -> list[tuple[list[nn.Parameter], int]]:
-        """``[(parameters, contributing ranks)]`` reduced after a backward pass of ``task`` (or of all tasks)."""
-        def own(name: str) -> list[nn.Parameter]:
-            return [p for m in module.head_modules(name) for p in m.parameters()]
+    @staticmethod
+    def _parameters(modules: list[nn.Module]) -> list[nn.Parameter]:
+        return [p for m in modules for p in m.parameters()]
 
+    def _parameter_groups(self, module: TaskModules, task: str | None) -> list[tuple[list[nn.Parameter], int]]:
+        """``[(parameters, contributing ranks)]`` reduced after a backward pass of ``task`` (or of all tasks)."""
+        shared = self._parameters(module.shared_modules())
         if task is not None:
-            return [(module.task_parameters(task), len(self.ranks_of_task(task)))]
-        groups = [(list(module.trunk.parameters()), self.world_size)]
-        groups += [(own(name), len(self.ranks_of_task(name))) for name in module.tasks]
+            return [(shared + self._parameters(module.task_modules(task)), len(self.ranks_of_task(task)))]
+        groups = [(shared, self.world_size)]
+        groups += [(self._parameters(module.task_modules(name)), len(self.ranks_of_task(name))) for name in module.task_names()]
         return groups
 
-    def reduce_task_gradients(self, module: MultiTaskSSL, task: str | None) -> None:
+    def reduce_task_gradients(self, module: TaskModules, task: str | None) -> None:
         """Average the gradients of the last backward pass across ranks (see the module docstring).
 
         Parameters without a gradient on this rank contribute zeros; afterwards every rank holds
@@ -131,12 +150,13 @@ class TaskParallelStrategy(DDPStrategy):
                 p.grad = (flat[offset : offset + n] / ranks).view_as(p).to(p.dtype)
                 offset += n
 
-    def sync_buffers(self, module: MultiTaskSSL) -> None:
+    def sync_buffers(self, module: TaskModules) -> None:
         """Average the trunk's floating buffers over all ranks (its counters: rank 0's); copy each
         task's buffers from the first rank that runs it."""
         if not dist.is_available() or not dist.is_initialized() or self.world_size == 1:
             return
-        trunk = [b for b in module.trunk.buffers() if b.is_floating_point()]
+        shared = [b for m in module.shared_modules() for b in m.buffers()]
+        trunk = [b for b in shared if b.is_floating_point()]
         if trunk:
             flat = torch.cat([b.reshape(-1).to(torch.float64) for b in trunk])
             dist.all_reduce(flat, op=dist.ReduceOp.SUM)
@@ -145,10 +165,6 @@ class TaskParallelStrategy(DDPStrategy):
             for b in trunk:
                 b.copy_(flat[offset : offset + b.numel()].view_as(b).to(b.dtype))
                 offset += b.numel()
-        for b in module.trunk.buffers():
-            if not b.is_floating_point():  # counters (BatchNorm's num_batches_tracked): rank 0's
-                dist.broadcast(b, src=0)
-        for name in module.tasks:
-            owner = self.ranks_of_task(name)[0]
-            for b in (b for m in module.head_modules(name) for b in m.buffers()):
-                dist.broadcast(b, src=owner)
+        broadcast_flat([b for b in shared if not b.is_floating_point()], src=0)  # counters (num_batches_tracked): rank 0's
+        for name in module.task_names():
+            broadcast_flat([b for m in module.task_modules(name) for b in m.buffers()], src=self.ranks_of_task(name)[0])

@@ -1,102 +1,115 @@
 """The task interface: a task is a small object that owns its sampling, head, loss and metrics.
 
-Life of one training step for one task (see ``MultiTaskSSL``):
+Each task file holds two classes:
 
-1. a CPU worker delivers an :class:`~mtssl_lightning.data.batch.ImageBatch` (uint8 crops);
-2. on the device, :meth:`Task.build` turns the images into a :class:`TaskBatch` — the trunk's
-   ``inputs`` plus the task's targets — with batched tensor/Kornia ops, no per-sample Python;
-3. the LightningModule runs the shared trunk on ``inputs`` and hands the features to
-   :meth:`Task.forward` (the head), then :meth:`Task.loss` and the task's metrics.
+* a :class:`~mtssl_lightning.data.sampler.TaskSampler` (``RelativePositionSampler``, …): the
+  input builder, configuration only. The DataModule calls it on the device, so every batch the
+  training step receives is ready;
+* a :class:`Task` (``RelativePosition``, …): an ``nn.Module`` with the head, the loss, the
+  torchmetrics, the pictures and any state that belongs to the loss; it creates its sampler from
+  its own arguments and exposes it as ``task.sampler``.
+
+Life of one training step for one task (see ``MultiTaskSSL`` and ``MultiTaskDataModule``):
+
+1. a CPU worker delivers an :class:`~mtssl_lightning.data.batch.ImageBatch` (uint8 crops) or a
+   :class:`~mtssl_lightning.data.batch.ClipBatch`;
+2. on the device, the DataModule's ``on_after_batch_transfer`` lets ``task.sampler`` turn it into
+   a :class:`TaskBatch` — the trunk's ``inputs`` plus the task's targets — with batched
+   tensor/Kornia ops, no per-sample Python;
+3. the LightningModule calls :meth:`Task.observe` (training batches only), runs the shared trunk
+   on ``inputs``, hands the features to :meth:`Task.forward` (the head), then :meth:`Task.loss`
+   and the task's metrics.
 """
 
 from __future__ import annotations
 
 import abc
-from typing import Any, ClassVar, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
 from mtssl_lightning.data.batch import ClipBatch, DataRequest, ImageBatch, TaskBatch
-from mtssl_lightning.data.color import lab_gray
+from mtssl_lightning.data.sampler import InputMode, SourceKind, TaskSampler
 from mtssl_lightning.tasks import pictures as draw
 
-InputMode = Literal["rgb", "lab_gray"]
+__all__ = ["InputMode", "Task", "TaskSampler"]
 
 
 class Task(nn.Module, abc.ABC):
-    """Base class of the self-supervised tasks.
+    """Base class of the self-supervised tasks (the LightningModule side of a task).
 
     Args:
-        batch_size: images (or clips) per step for this task; each task gets its own sub-batch.
-        image_size: side of the square crops the DataModule delivers to this task.
+        sampler: the task's input builder; its settings (batch size, crop size, patch sizes …)
+            are the task's sampling settings, read through ``task.sampler``.
         loss_weight: weight of this task's loss in the "sum of weighted losses" mode.
-        input_mode: ``"rgb"``, or ``"lab_gray"`` for the paper's input harmonization (Lab L
-            replicated three times, scaled to [0, 1] like RGB).
     """
 
-    #: which DataModule source feeds the task
-    source: ClassVar[Literal["images", "videos"]] = "images"
-
-    def __init__(
-        self,
-        batch_size: int = 32,
-        image_size: int = 224,
-        loss_weight: float = 1.0,
-        input_mode: InputMode = "rgb",
-    ) -> None:
+    def __init__(self, sampler: TaskSampler, loss_weight: float = 1.0) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"{type(self).__name__}: `batch_size` must be >= 1, got {batch_size}")
-        if input_mode not in ("rgb", "lab_gray"):
-            raise ValueError(f"{type(self).__name__}: `input_mode` must be 'rgb' or 'lab_gray', got {input_mode!r}")
-        self.batch_size = batch_size
-        self.image_size = image_size
+        self.sampler = sampler  # a plain object: not a submodule, nothing of it in checkpoints
         self.loss_weight = loss_weight
-        self.input_mode: InputMode = input_mode
         self.head: nn.Module | None = None
 
+    # ---- the sampler's settings the rest of the package reads --------------------------
+
+    @property
+    def source(self) -> SourceKind:
+        """Which DataModule source feeds the task (``"images"`` or ``"videos"``)."""
+        return self.sampler.source
+
+    @property
+    def batch_size(self) -> int:
+        """Images (or clips) per step for this task."""
+        return self.sampler.batch_size
+
+    @property
+    def image_size(self) -> int:
+        """Side of the square crops the DataModule delivers to this task."""
+        return self.sampler.image_size
+
+    @property
+    def input_mode(self) -> InputMode:
+        """``"rgb"`` or ``"lab_gray"`` (harmonized input)."""
+        return self.sampler.input_mode
+
     def data_request(self) -> DataRequest:
-        """What this task needs from the DataModule."""
-        return DataRequest(source=self.source, batch_size=self.batch_size, image_size=self.image_size)
+        """What this task needs from the DataModule (its sampler's request)."""
+        return self.sampler.data_request()
 
     def rescale(self, factor: float) -> None:
-        """Multiply every pixel size of the task by ``factor`` (``model.pixel_scale``).
+        """Multiply every pixel size of the task by ``factor`` (``model.pixel_scale``), before :meth:`attach`."""
+        self.sampler.rescale(factor)
 
-        The base class scales ``image_size``; tasks with more pixel sizes (patches, gaps)
-        extend it. Lets one overlay config (``configs/tiny.yaml``) shrink any experiment.
+    # ---- convenience: build inputs with this task's sampler (notebooks, tests) ---------
+
+    def build(self, images: Tensor, generator: torch.Generator | None = None) -> TaskBatch:
+        """``self.sampler.build``: inputs and targets from ``(B, 3, H, W)`` float RGB in [0, 1].
+
+        Training batches come ready from the DataModule; this is for notebooks and tests.
         """
-        self.image_size = max(1, round(self.image_size * factor))
+        return self.sampler.build(images, generator=generator)
+
+    def prepare(self, batch: ImageBatch | ClipBatch, generator: torch.Generator | None = None) -> TaskBatch:
+        """``self.sampler.prepare``: inputs and targets from what the workers delivered."""
+        return self.sampler.prepare(batch, generator=generator)
+
+    # ---- the model side -----------------------------------------------------------------
 
     def attach(self, channels: int, stride: int) -> None:
         """Create the head for a trunk with ``channels`` output channels at ``stride``."""
         self.head = self.build_head(channels, stride)
 
-    def harmonize(self, rgb: Tensor) -> Tensor:
-        """Apply the task's ``input_mode`` to ``(N, 3, H, W)`` RGB in [0, 1]."""
-        return lab_gray(rgb) if self.input_mode == "lab_gray" else rgb
-
     @abc.abstractmethod
     def build_head(self, channels: int, stride: int) -> nn.Module:
         """The task's head, reading ``(N, channels, h, w)`` trunk features."""
 
-    def prepare(self, batch: ImageBatch | ClipBatch) -> TaskBatch:
-        """Make the task's batch from what the workers delivered, on the device, without gradient.
+    def observe(self, batch: TaskBatch) -> None:
+        """Update state that belongs to the loss from a training batch, before its loss.
 
-        Image tasks: ``uint8`` images to float in [0, 1], then :meth:`build`. Video tasks
-        (``source = "videos"``) override this to read :class:`ClipBatch` clips (and masks).
-        """
-        if not isinstance(batch, ImageBatch):
-            raise TypeError(f"{type(self).__name__} reads images, got {type(batch).__name__}")
-        return self.build(batch.images.float().div_(255.0))
-
-    @abc.abstractmethod
-    def build(self, images: Tensor) -> TaskBatch:
-        """Make the trunk inputs and targets from ``(B, 3, H, W)`` float RGB in [0, 1] on the device.
-
-        Called without gradient. Randomness comes from torch's global RNG (seeded per batch in
-        validation, so validation inputs are the same every epoch).
+        Called by the LightningModule once per training batch of this task (not in validation).
+        The base class has none; colorization counts its running bin prior here.
         """
 
     def forward(self, features: Tensor, batch: TaskBatch) -> Tensor:
@@ -125,3 +138,6 @@ class Task(nn.Module, abc.ABC):
         the tasks override it with their own layouts.
         """
         return {"inputs": draw.grid(batch.inputs[:max_items]).cpu()}
+
+    def extra_repr(self) -> str:
+        return repr(self.sampler)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import kornia.color
 import torch
@@ -38,7 +38,7 @@ from torchmetrics import Metric, MetricCollection
 from mtssl_lightning.data.batch import TaskBatch
 from mtssl_lightning.data.color import lab_to_rgb, rgb_to_lab
 from mtssl_lightning.tasks import pictures as draw
-from mtssl_lightning.tasks.base import InputMode, Task
+from mtssl_lightning.tasks.base import InputMode, Task, TaskSampler
 from mtssl_lightning.tasks.heads import DenseHead
 from mtssl_lightning.tasks.metrics import HitRate
 
@@ -49,6 +49,7 @@ __all__ = [
     "Colorization",
     "ColorizationBatch",
     "ColorizationHead",
+    "ColorizationSampler",
     "TopBinAccuracy",
     "ab_gamut_bins",
     "annealed_mean",
@@ -373,28 +374,90 @@ class ColorizationBatch(TaskBatch):
 ColorizationHead = DenseHead
 
 
-class Colorization(Task):
-    """Colorization (Zhang, Isola, Efros 2016): predict quantized ab from L.
-
-    Class rebalancing uses a bin prior estimated **online**: ``build`` adds the soft-target weights of
-    every training batch (``self.training``) to the persistent float64 buffer ``prior_counts``
-    (saved in checkpoints; validation batches are not counted). The weights are recomputed from
-    it at every loss (Q-sized ops). Until ``prior_warmup_pixels`` target pixels have been counted
-    the weights are all 1 (plain cross-entropy), so the first steps never use a noisy prior.
-    Under DDP with buffer broadcasting (the default) rank 0's counts are copied to all ranks at
-    each forward, so the prior is rank 0's share of the data and identical on all ranks. Do not
-    use "true" half precision (``bf16-true``), which would cast the counts; mixed precision is fine.
+class ColorizationSampler(TaskSampler):
+    """Lab lightness inputs and soft-encoded ab targets from a batch of RGB images.
 
     Args:
         batch_size: images per step for this task.
         image_size: side of the square crops delivered by the DataModule (best a multiple of
             the trunk stride, 16; predictions are at ``image_size // output_stride``).
-        loss_weight: weight of this task's loss in the weighted-sum mode.
         input_mode: must be ``"lab_gray"`` (RGB input would reveal the colours to predict).
         grid: ab quantization step (10 in the paper).
         gamut_rule: which bins are "in gamut", see :func:`ab_gamut_bins` (``"centre"``: Q = 229, every centre in gamut; ``"cell"``: Q = 262).
         neighbours: bins per pixel in the soft encoding (5 in the paper).
         sigma: σ of the soft encoding's Gaussian, ab units (5 in the paper).
+        output_stride: input pixels per predicted pixel (4 as in Zhang et al.).
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 32,
+        image_size: int = 224,
+        input_mode: InputMode = "lab_gray",
+        grid: int = 10,
+        gamut_rule: GamutRule = "centre",
+        neighbours: int = 5,
+        sigma: float = 5.0,
+        output_stride: int = 4,
+    ) -> None:
+        if input_mode != "lab_gray":
+            raise ValueError(
+                "Colorization: `input_mode` must be 'lab_gray' — with RGB input the trunk would see "
+                f"the colours it must predict; got {input_mode!r}"
+            )
+        super().__init__(batch_size=batch_size, image_size=image_size, input_mode=input_mode)
+        if output_stride < 1:
+            raise ValueError(f"Colorization: `output_stride` must be >= 1, got {output_stride}")
+        self.grid, self.gamut_rule = grid, gamut_rule
+        self.neighbours, self.sigma, self.output_stride = neighbours, sigma, output_stride
+        self.centres = ab_gamut_bins(grid, gamut_rule)
+        if not 1 <= neighbours <= self.centres.shape[0]:
+            raise ValueError(f"Colorization: `neighbours` must be in [1, {self.centres.shape[0]}], got {neighbours}")
+        self.num_bins = self.centres.shape[0]
+        self.candidates = candidate_table(self.centres, neighbours)
+
+    def _tables(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Bin centres and the candidate table on ``device`` (moved once, then kept there)."""
+        if self.centres.device != device:
+            self.centres, self.candidates = self.centres.to(device), self.candidates.to(device)
+        return self.centres, self.candidates
+
+    @torch.no_grad()
+    def build(self, images: Tensor, generator: torch.Generator | None = None) -> ColorizationBatch:
+        """L input and ab targets from ``(B, 3, H, W)`` RGB in [0, 1] (deterministic: ``generator`` is unused).
+
+        Targets are at ``(H // output_stride, W // output_stride)``; sizes that are not multiples
+        of ``output_stride`` (e.g. after ``rescale``) are area-averaged over uneven windows.
+        """
+        centres, candidates = self._tables(images.device)
+        lab = rgb_to_lab(images.float())  # Lab in float32 even under autocast
+        lightness = lab[:, :1]
+        inputs = (lightness / 100.0).expand(-1, 3, -1, -1).contiguous()
+        size = (images.shape[-2] // self.output_stride, images.shape[-1] // self.output_stride)
+        ab = F.interpolate(lab[:, 1:], size=size, mode="area")
+        bins, weights = soft_encode_sparse(ab, centres, self.neighbours, self.sigma, candidates)
+        return ColorizationBatch(
+            inputs=inputs, lightness=lightness, ab=ab, target_bins=bins, target_weights=weights, num_bins=self.num_bins
+        )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(image_size={self.image_size}, grid={self.grid}, bins={self.num_bins}, output_stride={self.output_stride})"
+
+
+class Colorization(Task):
+    """Colorization (Zhang, Isola, Efros 2016): predict quantized ab from L.
+
+    Class rebalancing uses a bin prior estimated **online**: :meth:`observe` adds the soft-target weights
+    of every training batch to the persistent float64 buffer ``prior_counts`` (saved in
+    checkpoints; validation batches are not counted). The weights are recomputed from it at every
+    loss (Q-sized ops). Until ``prior_warmup_pixels`` target pixels have been counted the weights
+    are all 1 (plain cross-entropy), so the first steps never use a noisy prior. Under DDP with
+    buffer broadcasting (the default) rank 0's counts are copied to all ranks at each forward, so
+    the prior is rank 0's share of the data and identical on all ranks. Do not use "true" half
+    precision (``bf16-true``), which would cast the counts; mixed precision is fine.
+
+    Args:
+        loss_weight: weight of this task's loss in the weighted-sum mode.
         rebalance: weight each pixel by the rebalancing weight of its target's top bin.
         rebalance_lambda: λ of the prior/uniform mixture (0.5 in the paper).
         prior_sigma: σ of the Gaussian smoothing of the prior over the ab plane, ab units
@@ -402,51 +465,35 @@ class Colorization(Task):
         prior_warmup_pixels: the online prior is used only once this many pixels (at the
             prediction resolution) have been counted; before that the weights are uniform.
         temperature: annealed-mean temperature T (0.38 in the paper).
-        output_stride: input pixels per predicted pixel (4 as in Zhang et al.).
         head_channels: width of the head's hidden convolutions.
+        **sampling: the sampling settings, arguments of :class:`ColorizationSampler` (``batch_size``,
+            ``image_size``, ``input_mode``, ``grid``, ``gamut_rule``, ``neighbours``, ``sigma``,
+            ``output_stride``); the sampler is ``task.sampler``.
     """
+
+    sampler: ColorizationSampler
 
     def __init__(
         self,
-        batch_size: int = 32,
-        image_size: int = 224,
         loss_weight: float = 1.0,
-        input_mode: InputMode = "lab_gray",
-        grid: int = 10,
-        gamut_rule: GamutRule = "centre",
-        neighbours: int = 5,
-        sigma: float = 5.0,
         rebalance: bool = True,
         rebalance_lambda: float = 0.5,
         prior_sigma: float = 5.0,
         prior_warmup_pixels: int = 100_000,
         temperature: float = 0.38,
-        output_stride: int = 4,
         head_channels: int = 256,
+        **sampling: Any,
     ) -> None:
-        if input_mode != "lab_gray":
-            raise ValueError(
-                "Colorization: `input_mode` must be 'lab_gray' — with RGB input the trunk would see "
-                f"the colours it must predict; got {input_mode!r}"
-            )
-        super().__init__(batch_size=batch_size, image_size=image_size, loss_weight=loss_weight, input_mode=input_mode)
+        sampler = ColorizationSampler(**sampling)
+        super().__init__(sampler, loss_weight)
         if not 0.0 <= rebalance_lambda <= 1.0:
             raise ValueError(f"Colorization: `rebalance_lambda` must be in [0, 1], got {rebalance_lambda}")
-        if output_stride < 1:
-            raise ValueError(f"Colorization: `output_stride` must be >= 1, got {output_stride}")
-        self.grid, self.gamut_rule = grid, gamut_rule
-        self.neighbours, self.sigma = neighbours, sigma
         self.rebalance, self.rebalance_lambda, self.prior_sigma = rebalance, rebalance_lambda, prior_sigma
         self.prior_warmup_pixels = prior_warmup_pixels
-        self.temperature, self.output_stride, self.head_channels = temperature, output_stride, head_channels
-
-        centres = ab_gamut_bins(grid, gamut_rule)
-        if not 1 <= neighbours <= centres.shape[0]:
-            raise ValueError(f"Colorization: `neighbours` must be in [1, {centres.shape[0]}], got {neighbours}")
-        self.num_bins = centres.shape[0]
+        self.temperature, self.head_channels = temperature, head_channels
+        self.num_bins = sampler.num_bins
         # derived from `grid`, so not saved; the counts are data and are saved in checkpoints
-        self.register_buffer("centres", centres, persistent=False)
-        self.register_buffer("candidates", candidate_table(centres, neighbours), persistent=False)
+        self.register_buffer("centres", sampler.centres.clone(), persistent=False)
         self.register_buffer("prior_counts", torch.zeros(self.num_bins, dtype=torch.float64))
 
     # ---- prior -----------------------------------------------------------------------------
@@ -465,30 +512,19 @@ class Colorization(Task):
         smoothed = smooth_prior(self.empirical_prior(), self.centres, self.prior_sigma)
         return rebalance_weights(smoothed, self.rebalance_lambda).to(torch.float32)
 
+    @torch.no_grad()
+    def observe(self, batch: TaskBatch) -> None:
+        """Count the soft targets of a training batch into the running bin prior (``prior_counts``)."""
+        assert isinstance(batch, ColorizationBatch)
+        self.prior_counts.index_add_(
+            0, batch.target_bins.reshape(-1), batch.target_weights.reshape(-1).to(self.prior_counts.dtype)
+        )
+
     # ---- Task interface ------------------------------------------------------------------
 
     def build_head(self, channels: int, stride: int) -> nn.Module:
         """A :class:`ColorizationHead` from trunk features at ``stride`` to Q logits at ``output_stride``."""
-        return ColorizationHead(channels, stride, self.num_bins, self.output_stride, self.head_channels)
-
-    @torch.no_grad()
-    def build(self, images: Tensor) -> ColorizationBatch:
-        """L input and ab targets from ``(B, 3, H, W)`` RGB in [0, 1]; counts the prior when training.
-
-        Targets are at ``(H // output_stride, W // output_stride)``; sizes that are not multiples
-        of ``output_stride`` (e.g. after ``rescale``) are area-averaged over uneven windows.
-        """
-        lab = rgb_to_lab(images.float())  # Lab in float32 even under autocast
-        lightness = lab[:, :1]
-        inputs = (lightness / 100.0).expand(-1, 3, -1, -1).contiguous()
-        size = (images.shape[-2] // self.output_stride, images.shape[-1] // self.output_stride)
-        ab = F.interpolate(lab[:, 1:], size=size, mode="area")
-        bins, weights = soft_encode_sparse(ab, self.centres, self.neighbours, self.sigma, self.candidates)
-        if self.training:
-            self.prior_counts.index_add_(0, bins.reshape(-1), weights.reshape(-1).to(self.prior_counts.dtype))
-        return ColorizationBatch(
-            inputs=inputs, lightness=lightness, ab=ab, target_bins=bins, target_weights=weights, num_bins=self.num_bins
-        )
+        return ColorizationHead(channels, stride, self.num_bins, self.sampler.output_stride, self.head_channels)
 
     def forward(self, features: Tensor, batch: TaskBatch) -> Tensor:
         """``(N, C, h, w)`` features -> ``(N, Q, H/4, W/4)`` logits at the targets' resolution."""

@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import kornia.augmentation as KA
 import torch
@@ -66,7 +66,7 @@ from torchmetrics import MetricCollection
 
 from mtssl_lightning.data.batch import TaskBatch
 from mtssl_lightning.tasks import pictures as draw
-from mtssl_lightning.tasks.base import InputMode, Task
+from mtssl_lightning.tasks.base import InputMode, Task, TaskSampler
 from mtssl_lightning.tasks.metrics import HitRate
 
 Mining = Literal["semi_hard", "batch_hard"]
@@ -75,6 +75,7 @@ __all__ = [
     "Exemplar",
     "ExemplarBatch",
     "ExemplarHead",
+    "ExemplarSampler",
     "ViewRetrievalAccuracy",
     "pairwise_distances",
     "triplet_loss",
@@ -251,22 +252,17 @@ class ExemplarHead(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
-class Exemplar(Task):
-    """Exemplar: augmented views of each image, pulled together by a triplet loss.
+class ExemplarSampler(TaskSampler):
+    """``views`` augmented views of every image of a batch, made on the device by one Kornia pipeline.
 
     Args:
         batch_size: images per step (>= 2); the trunk sees ``batch_size × views`` views.
         image_size: side of the square crops the DataModule delivers.
-        loss_weight: weight of this task's loss in the "sum of weighted losses" mode.
         input_mode: ``"rgb"``, or ``"lab_gray"`` (the paper's harmonization, applied to the views
             after augmentation).
         views: views per image (>= 2; 8 in the re-implementation the spec quotes).
         view_size: side of every view in pixels; ``None`` means ``image_size * 3 // 4`` (168 px
             for 224 px crops; see the module docstring).
-        embedding_dim: dimension ``D`` of the L2-normalised embedding.
-        hidden: width of the head's hidden layer.
-        margin: triplet margin on Euclidean distances between unit vectors (distances lie in [0, 2]).
-        mining: ``"semi_hard"`` or ``"batch_hard"`` triplet mining (see :func:`triplet_loss`).
         crop_scale: range of the crop's area as a fraction of the image (RandomResizedCrop).
         crop_ratio: range of the crop's aspect ratio (width / height).
         rotation: maximum rotation in degrees (uniform in ``±rotation``; 0 disables it).
@@ -283,14 +279,9 @@ class Exemplar(Task):
         self,
         batch_size: int = 32,
         image_size: int = 224,
-        loss_weight: float = 1.0,
         input_mode: InputMode = "rgb",
         views: int = 8,
         view_size: int | None = None,
-        embedding_dim: int = 128,
-        hidden: int = 512,
-        margin: float = 0.5,
-        mining: Mining = "semi_hard",
         crop_scale: tuple[float, float] = (0.25, 1.0),
         crop_ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0),
         rotation: float = 20.0,
@@ -304,8 +295,8 @@ class Exemplar(Task):
         blur_p: float = 0.5,
         blur_sigma: tuple[float, float] = (0.1, 2.0),
     ) -> None:
-        super().__init__(batch_size=batch_size, image_size=image_size, loss_weight=loss_weight, input_mode=input_mode)
-        name = type(self).__name__
+        super().__init__(batch_size=batch_size, image_size=image_size, input_mode=input_mode)
+        name = self.task_name
         if batch_size < 2:
             raise ValueError(f"{name}: `batch_size` must be >= 2 (other images are the negatives), got {batch_size}")
         if views < 2:
@@ -314,12 +305,6 @@ class Exemplar(Task):
             view_size = max(1, image_size * 3 // 4)
         if view_size < 1:
             raise ValueError(f"{name}: `view_size` must be >= 1, got {view_size}")
-        if embedding_dim < 1 or hidden < 1:
-            raise ValueError(f"{name}: `embedding_dim` and `hidden` must be >= 1, got {embedding_dim}, {hidden}")
-        if margin < 0:
-            raise ValueError(f"{name}: `margin` must be >= 0, got {margin}")
-        if mining not in ("semi_hard", "batch_hard"):
-            raise ValueError(f"{name}: `mining` must be 'semi_hard' or 'batch_hard', got {mining!r}")
         low, high = crop_scale
         if not 0.0 < low <= high <= 1.0:
             raise ValueError(f"{name}: `crop_scale` must satisfy 0 < low <= high <= 1, got {crop_scale}")
@@ -333,8 +318,6 @@ class Exemplar(Task):
         if not 0.0 < blur_sigma[0] <= blur_sigma[1]:
             raise ValueError(f"{name}: `blur_sigma` must satisfy 0 < low <= high, got {blur_sigma}")
         self.views, self.view_size = views, view_size
-        self.embedding_dim, self.hidden = embedding_dim, hidden
-        self.margin, self.mining = margin, mining
         self.crop_scale = (float(low), float(high))
         self.crop_ratio = (float(crop_ratio[0]), float(crop_ratio[1]))
         self.rotation, self.flip_p = float(rotation), flip_p
@@ -342,6 +325,7 @@ class Exemplar(Task):
         self.jitter_p, self.grey_p = jitter_p, grey_p
         self.blur_p, self.blur_sigma = blur_p, (float(blur_sigma[0]), float(blur_sigma[1]))
         self.augment = self._make_augmentation()
+        self._device = torch.device("cpu")
 
     @property
     def blur_kernel_size(self) -> int:
@@ -382,6 +366,73 @@ class Exemplar(Task):
         self.view_size = max(1, round(self.view_size * factor))
         self.blur_sigma = (self.blur_sigma[0] * factor, self.blur_sigma[1] * factor)
         self.augment = self._make_augmentation()
+        self._device = torch.device("cpu")
+
+    # ---- views ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def build(self, images: Tensor, generator: torch.Generator | None = None) -> ExemplarBatch:
+        """``V`` augmented views of each of the ``(B, 3, S, S)`` images (float in [0, 1], any device).
+
+        Returns views ``(B·V, 3, view_size, view_size)`` in [0, 1] and their image labels
+        ``(B·V,)``. Works for any ``B >= 1`` (a one-image batch has no negatives: the task's loss
+        rejects it). Kornia draws the augmentation parameters from torch's global RNG (it takes no
+        generator).
+        """
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"{self.task_name}: images must be (B, 3, H, W), got {tuple(images.shape)}")
+        if self._device != images.device:  # Kornia keeps its sampling ranges in buffers: move them once
+            self.augment.to(images.device)
+            self._device = images.device
+        batch = images.shape[0]
+        repeated = images.float().repeat_interleave(self.views, dim=0)
+        views = self.harmonize(self.augment(repeated).clamp_(0.0, 1.0)).contiguous()
+        labels = torch.arange(batch, device=images.device).repeat_interleave(self.views)
+        return ExemplarBatch(inputs=views, labels=labels, views=self.views)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(views={self.views}, view_size={self.view_size}, image_size={self.image_size}, "
+            f"input_mode={self.input_mode!r})"
+        )
+
+
+
+class Exemplar(Task):
+    """Exemplar: augmented views of each image, pulled together by a triplet loss.
+
+    Args:
+        loss_weight: weight of this task's loss in the "sum of weighted losses" mode.
+        embedding_dim: dimension ``D`` of the L2-normalised embedding.
+        hidden: width of the head's hidden layer.
+        margin: triplet margin on Euclidean distances between unit vectors (distances lie in [0, 2]).
+        mining: ``"semi_hard"`` or ``"batch_hard"`` triplet mining (see :func:`triplet_loss`).
+        **sampling: the sampling settings (views and augmentations), arguments of
+            :class:`ExemplarSampler` (``batch_size``, ``image_size``, ``input_mode``, ``views``,
+            ``view_size``, ``crop_scale`` …); the sampler is ``task.sampler``.
+    """
+
+    sampler: ExemplarSampler
+
+    def __init__(
+        self,
+        loss_weight: float = 1.0,
+        embedding_dim: int = 128,
+        hidden: int = 512,
+        margin: float = 0.5,
+        mining: Mining = "semi_hard",
+        **sampling: Any,
+    ) -> None:
+        super().__init__(ExemplarSampler(**sampling), loss_weight)
+        name = type(self).__name__
+        if embedding_dim < 1 or hidden < 1:
+            raise ValueError(f"{name}: `embedding_dim` and `hidden` must be >= 1, got {embedding_dim}, {hidden}")
+        if margin < 0:
+            raise ValueError(f"{name}: `margin` must be >= 0, got {margin}")
+        if mining not in ("semi_hard", "batch_hard"):
+            raise ValueError(f"{name}: `mining` must be 'semi_hard' or 'batch_hard', got {mining!r}")
+        self.embedding_dim, self.hidden = embedding_dim, hidden
+        self.margin, self.mining = margin, mining
 
     # ---- head ---------------------------------------------------------------------------
 
@@ -393,24 +444,6 @@ class Exemplar(Task):
         """``(B·V, C, h, w)`` features of the views -> ``(B·V, D)`` unit embeddings."""
         assert self.head is not None, "call attach() before forward()"
         return self.head(features)
-
-    # ---- inputs ------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def build(self, images: Tensor) -> ExemplarBatch:
-        """``V`` augmented views of each of the ``(B, 3, S, S)`` images (float in [0, 1], any device).
-
-        Returns views ``(B·V, 3, view_size, view_size)`` in [0, 1] and their image labels
-        ``(B·V,)``. Works for any ``B >= 1`` (a one-image batch has no negatives: :meth:`loss`
-        rejects it). Randomness comes from torch's global RNG.
-        """
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"{type(self).__name__}: images must be (B, 3, H, W), got {tuple(images.shape)}")
-        batch = images.shape[0]
-        repeated = images.float().repeat_interleave(self.views, dim=0)
-        views = self.harmonize(self.augment(repeated).clamp_(0.0, 1.0)).contiguous()
-        labels = torch.arange(batch, device=images.device).repeat_interleave(self.views)
-        return ExemplarBatch(inputs=views, labels=labels, views=self.views)
 
     # ---- loss and metrics --------------------------------------------------------------
 
@@ -457,10 +490,3 @@ class Exemplar(Task):
             colour = torch.where(hit, torch.tensor(draw.GREEN, device=device), torch.tensor(draw.RED, device=device))
         framed = draw.outline(shown, colour, max(1, shown.shape[-1] // 32))
         return {"views": draw.grid(framed.view(count, views, *framed.shape[1:])).cpu()}
-
-    def extra_repr(self) -> str:
-        return (
-            f"views={self.views}, view_size={self.view_size}, image_size={self.image_size}, "
-            f"embedding_dim={self.embedding_dim}, margin={self.margin}, mining={self.mining!r}, "
-            f"input_mode={self.input_mode!r}"
-        )

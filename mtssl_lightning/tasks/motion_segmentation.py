@@ -20,7 +20,7 @@ rare; a fixed ``pos_weight`` can be set instead.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -31,10 +31,10 @@ from torchmetrics.classification import BinaryF1Score, BinaryJaccardIndex
 from mtssl_lightning.data.batch import ClipBatch, DataRequest, ImageBatch, TaskBatch
 from mtssl_lightning.data.motion import MotionMaskConfig, motion_masks
 from mtssl_lightning.tasks import pictures as draw
-from mtssl_lightning.tasks.base import InputMode, Task
+from mtssl_lightning.tasks.base import InputMode, Task, TaskSampler
 from mtssl_lightning.tasks.heads import DenseHead
 
-__all__ = ["MotionSegmentation", "MotionSegmentationBatch"]
+__all__ = ["MotionSegmentation", "MotionSegmentationBatch", "MotionSegmentationSampler"]
 
 MaskSource = Literal["auto", "compute", "precomputed"]
 
@@ -54,13 +54,12 @@ class MotionSegmentationBatch(TaskBatch):
     targets: Tensor
 
 
-class MotionSegmentation(Task):
-    """Predict the independently moving pixels of a video frame from the frame alone.
+class MotionSegmentationSampler(TaskSampler):
+    """Key frames and their motion masks from a :class:`ClipBatch` of clips, on the device.
 
     Args:
         batch_size: clips per step for this task.
         image_size: side of the square crops of the clips' frames.
-        loss_weight: weight of this task's loss in the weighted-sum mode.
         input_mode: ``"rgb"`` or ``"lab_gray"`` (harmonized input).
         clip_length: frames per clip (>= 3, so that the key frame has frames on both sides).
         frame_stride: video frames between consecutive clip frames.
@@ -71,10 +70,7 @@ class MotionSegmentation(Task):
         mask_open_size: opening structuring element side (odd).
         mask_close_size: closing structuring element side (odd).
         mask_min_area: components smaller than this fraction of the frame are dropped.
-        pos_weight: weight of the positive (moving) pixels in the cross-entropy; ``None`` =
-            ``#negative / #positive`` of each batch, clamped to [1, 100].
         output_stride: input pixels per predicted pixel.
-        head_channels: width of the dense head's hidden convolutions.
     """
 
     source = "videos"
@@ -83,7 +79,6 @@ class MotionSegmentation(Task):
         self,
         batch_size: int = 32,
         image_size: int = 224,
-        loss_weight: float = 1.0,
         input_mode: InputMode = "rgb",
         clip_length: int = 5,
         frame_stride: int = 2,
@@ -92,11 +87,9 @@ class MotionSegmentation(Task):
         mask_open_size: int = 3,
         mask_close_size: int = 7,
         mask_min_area: float = 0.005,
-        pos_weight: float | None = None,
         output_stride: int = 4,
-        head_channels: int = 128,
     ) -> None:
-        super().__init__(batch_size=batch_size, image_size=image_size, loss_weight=loss_weight, input_mode=input_mode)
+        super().__init__(batch_size=batch_size, image_size=image_size, input_mode=input_mode)
         if clip_length < 3:
             raise ValueError(
                 f"MotionSegmentation: `clip_length` must be >= 3 (frames before and after the key frame), got {clip_length}"
@@ -105,13 +98,11 @@ class MotionSegmentation(Task):
             raise ValueError(f"MotionSegmentation: `frame_stride` must be >= 1, got {frame_stride}")
         if masks not in ("auto", "compute", "precomputed"):
             raise ValueError(f"MotionSegmentation: `masks` must be 'auto', 'compute' or 'precomputed', got {masks!r}")
-        if pos_weight is not None and pos_weight <= 0:
-            raise ValueError(f"MotionSegmentation: `pos_weight` must be positive or null, got {pos_weight}")
         if output_stride < 1:
             raise ValueError(f"MotionSegmentation: `output_stride` must be >= 1, got {output_stride}")
         self.clip_length, self.frame_stride, self.masks = clip_length, frame_stride, masks
         self.mask_config = MotionMaskConfig(mask_threshold, mask_open_size, mask_close_size, mask_min_area)
-        self.pos_weight, self.output_stride, self.head_channels = pos_weight, output_stride, head_channels
+        self.output_stride = output_stride
 
     def data_request(self) -> DataRequest:
         """Clips of ``clip_length`` frames ``frame_stride`` apart, cropped to ``image_size``."""
@@ -123,12 +114,7 @@ class MotionSegmentation(Task):
             frame_stride=self.frame_stride,
         )
 
-    def build_head(self, channels: int, stride: int) -> nn.Module:
-        """A :class:`DenseHead` with one logit per pixel at ``output_stride``."""
-        return DenseHead(channels, stride, 1, self.output_stride, self.head_channels)
-
-    @torch.no_grad()
-    def prepare(self, batch: ImageBatch | ClipBatch) -> MotionSegmentationBatch:
+    def _prepare(self, batch: ImageBatch | ClipBatch, generator: torch.Generator | None) -> MotionSegmentationBatch:
         """Key frames and their masks from a :class:`ClipBatch` (precomputed masks per ``masks``)."""
         if not isinstance(batch, ClipBatch):
             raise TypeError(
@@ -147,8 +133,8 @@ class MotionSegmentation(Task):
         return self.build(clips, masks)
 
     @torch.no_grad()
-    def build(self, images: Tensor, masks: Tensor | None = None) -> MotionSegmentationBatch:
-        """Inputs and targets from clips.
+    def build(self, images: Tensor, masks: Tensor | None = None, generator: torch.Generator | None = None) -> MotionSegmentationBatch:
+        """Inputs and targets from clips (deterministic: ``generator`` is unused).
 
         Args:
             images: ``(B, T, 3, H, W)`` clips, float RGB in [0, 1] (the key frame is ``T // 2``).
@@ -162,6 +148,39 @@ class MotionSegmentation(Task):
         size = (key.shape[-2] // self.output_stride, key.shape[-1] // self.output_stride)
         targets = (F.interpolate(masks, size=size, mode="area") >= 0.5).float()
         return MotionSegmentationBatch(inputs=self.harmonize(key), masks=masks, targets=targets)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(image_size={self.image_size}, clip_length={self.clip_length}, "
+            f"frame_stride={self.frame_stride}, masks={self.masks!r})"
+        )
+
+
+class MotionSegmentation(Task):
+    """Predict the independently moving pixels of a video frame from the frame alone.
+
+    Args:
+        loss_weight: weight of this task's loss in the weighted-sum mode.
+        pos_weight: weight of the positive (moving) pixels in the cross-entropy; ``None`` =
+            ``#negative / #positive`` of each batch, clamped to [1, 100].
+        head_channels: width of the dense head's hidden convolutions.
+        **sampling: the sampling settings (clips, masks), arguments of
+            :class:`MotionSegmentationSampler` (``batch_size``, ``image_size``, ``input_mode``,
+            ``clip_length``, ``frame_stride``, ``masks``, ``mask_*``, ``output_stride``); the
+            sampler is ``task.sampler``.
+    """
+
+    sampler: MotionSegmentationSampler
+
+    def __init__(self, loss_weight: float = 1.0, pos_weight: float | None = None, head_channels: int = 128, **sampling: Any) -> None:
+        super().__init__(MotionSegmentationSampler(**sampling), loss_weight)
+        if pos_weight is not None and pos_weight <= 0:
+            raise ValueError(f"MotionSegmentation: `pos_weight` must be positive or null, got {pos_weight}")
+        self.pos_weight, self.head_channels = pos_weight, head_channels
+
+    def build_head(self, channels: int, stride: int) -> nn.Module:
+        """A :class:`DenseHead` with one logit per pixel at ``output_stride``."""
+        return DenseHead(channels, stride, 1, self.sampler.output_stride, self.head_channels)
 
     def forward(self, features: Tensor, batch: TaskBatch) -> Tensor:
         """``(B, C, h, w)`` features -> ``(B, 1, H/4, W/4)`` logits at the targets' resolution."""
@@ -205,9 +224,3 @@ class MotionSegmentation(Task):
             moving = (torch.sigmoid(prediction[:max_items].float()) > 0.5).float()
             columns.append(draw.overlay(frames, moving, draw.PREDICTION_COLOUR))
         return {"masks": draw.grid(torch.stack(columns, dim=1)).cpu()}
-
-    def extra_repr(self) -> str:
-        return (
-            f"image_size={self.image_size}, clip_length={self.clip_length}, frame_stride={self.frame_stride}, "
-            f"masks={self.masks!r}, pos_weight={self.pos_weight}"
-        )

@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import kornia.color
 import torch
@@ -61,7 +61,7 @@ from torchvision.ops import roi_align
 from mtssl_lightning.data.batch import TaskBatch
 from mtssl_lightning.data.color import lab_gray
 from mtssl_lightning.tasks import pictures as draw
-from mtssl_lightning.tasks.base import InputMode, Task
+from mtssl_lightning.tasks.base import InputMode, Task, TaskSampler
 
 PairsMode = Literal["one", "all"]
 ColourMode = Literal["drop", "gray", "lab_gray", "none"]
@@ -360,18 +360,17 @@ class RelativePositionHead(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
-# task
+# sampler (the input builder the DataModule calls on the device)
 # --------------------------------------------------------------------------------------------
 
 
-class RelativePosition(Task):
-    """Relative position prediction between patches of a jittered grid (8-way classification).
+class RelativePositionSampler(TaskSampler):
+    """Patches and pair labels of a jittered grid, from a batch of images (see the module docstring).
 
     Args:
         batch_size: images per step (each gives 1 pair, or 8 for a 3×3 grid with ``pairs="all"``).
         image_size: side of the square crops the DataModule delivers; ``None`` means
-            :attr:`required_size` (398 px with the defaults). Must be >= ``required_size``.
-        loss_weight: weight of this task's loss in the "sum of weighted losses" mode.
+            :attr:`required_size` (398 px with the defaults). Must be >= that.
         input_mode: ``"rgb"`` or ``"lab_gray"``; ``"lab_gray"`` implies ``colour="lab_gray"``
             (harmonization replaces the task's own colour preprocessing, as in the paper).
         patch_size: patch side in pixels (original 96).
@@ -383,12 +382,7 @@ class RelativePosition(Task):
         downsample_scale: range of the down-sampled side as a fraction of ``patch_size``.
         colour: chromatic-aberration counter-measure, ``"drop"``, ``"gray"``, ``"lab_gray"`` or
             ``"none"``; ``None`` means ``"lab_gray"`` if ``input_mode="lab_gray"``, else ``"drop"``.
-        hidden: width of the fc layers (original 4096).
-        dropout: dropout after each hidden fc layer.
-        pool: how the per-patch ``(C, h, w)`` features become a vector before the first fc:
-            ``"avg"`` (global average) or ``"flatten"`` (the whole map, as the original's fc6 on
-            pool5; keeps the layout inside the patch, which the task relies on).
-        small_images: images smaller than ``required_size``: ``"upscale"`` them (bilinear) or
+        small_images: images smaller than :attr:`required_size`: ``"upscale"`` them (bilinear) or
             raise an ``"error"``.
     """
 
@@ -396,7 +390,6 @@ class RelativePosition(Task):
         self,
         batch_size: int = 32,
         image_size: int | None = None,
-        loss_weight: float = 1.0,
         input_mode: InputMode = "rgb",
         patch_size: int = 96,
         gap: int = 48,
@@ -406,12 +399,9 @@ class RelativePosition(Task):
         downsample_fraction: float = 0.33,
         downsample_scale: tuple[float, float] = (0.1, 0.5),
         colour: ColourMode | None = None,
-        hidden: int = 4096,
-        dropout: float = 0.5,
-        pool: PoolMode = "avg",
         small_images: SmallImagePolicy = "upscale",
     ) -> None:
-        name = type(self).__name__
+        name = self.task_name
         if patch_size < 1 or gap < 0 or jitter < 0:
             raise ValueError(f"{name}: need patch_size >= 1, gap >= 0, jitter >= 0; got {patch_size}, {gap}, {jitter}")
         if grid < 3:
@@ -446,15 +436,12 @@ class RelativePosition(Task):
                 f"{grid}*{patch_size} + {grid - 1}*{gap} + 2*{jitter} = {required} px; "
                 f"set image_size >= {required} or shrink patch_size/gap/jitter"
             )
-        super().__init__(batch_size=batch_size, image_size=image_size, loss_weight=loss_weight, input_mode=input_mode)
+        super().__init__(batch_size=batch_size, image_size=image_size, input_mode=input_mode)
         self.patch_size, self.gap, self.jitter, self.grid = patch_size, gap, jitter, grid
         self.pairs: PairsMode = pairs
         self.downsample_fraction = downsample_fraction
         self.downsample_scale = (float(low), float(high))
         self.colour: ColourMode = colour
-        if pool not in ("avg", "flatten"):
-            raise ValueError(f"{name}: `pool` must be 'avg' or 'flatten', got {pool!r}")
-        self.hidden, self.dropout, self.pool = hidden, dropout, pool
         self.small_images: SmallImagePolicy = small_images
 
     def rescale(self, factor: float) -> None:
@@ -468,23 +455,8 @@ class RelativePosition(Task):
         """Smallest image side the grid fits in: ``grid·patch + (grid-1)·gap + 2·jitter``."""
         return required_image_size(self.patch_size, self.gap, self.jitter, self.grid)
 
-    # ---- head ---------------------------------------------------------------------------
-
-    def build_head(self, channels: int, stride: int) -> nn.Module:
-        """A :class:`RelativePositionHead` on ``channels``-channel features at ``stride``."""
-        side = math.ceil(self.patch_size / stride)  # trunk output side for one patch
-        return RelativePositionHead(channels, self.hidden, self.dropout, self.pool, (side, side))
-
-    def forward(self, features: Tensor, batch: TaskBatch) -> Tensor:
-        """``(N, C, h, w)`` features of ``batch.inputs`` -> ``(P, 8)`` pair logits."""
-        assert self.head is not None, "call attach() before forward()"
-        assert isinstance(batch, RelativePositionBatch)
-        return self.head(features, batch.first, batch.second)
-
-    # ---- inputs ------------------------------------------------------------------------
-
     @torch.no_grad()
-    def build(self, images: Tensor) -> RelativePositionBatch:
+    def build(self, images: Tensor, generator: torch.Generator | None = None) -> RelativePositionBatch:
         """Patches and pair labels from ``(B, C, H, W)`` images (uint8, or float in [0, 1]).
 
         ``C`` may be 1 (grey, replicated) or 4 (RGBA, alpha dropped); images smaller than
@@ -493,7 +465,7 @@ class RelativePosition(Task):
         images = fit_min_size(to_rgb_float(images), self.required_size, self.small_images)
         batch, _, height, width = images.shape
         device, cells = images.device, self.grid * self.grid
-        boxes = sample_grid_boxes(batch, height, width, self.patch_size, self.gap, self.jitter, self.grid, device)
+        boxes = sample_grid_boxes(batch, height, width, self.patch_size, self.gap, self.jitter, self.grid, device, generator)
 
         # pairs as (image, anchor cell, neighbour cell, label)
         table = pair_table(self.grid, device)  # (A*8, 3)
@@ -502,7 +474,7 @@ class RelativePosition(Task):
             chosen = table.repeat(batch, 1)
         else:
             image_of_pair = torch.arange(batch, device=device)
-            chosen = table[torch.randint(0, table.shape[0], (batch,), device=device)]
+            chosen = table[torch.randint(0, table.shape[0], (batch,), device=device, generator=generator)]
         anchor, neighbour, labels = chosen.unbind(dim=1)
 
         # crop each distinct patch used by a pair once, in (image, cell) order
@@ -515,15 +487,15 @@ class RelativePosition(Task):
         top_left = boxes[patch_image, patch_cell]  # (N, 4)
         patches = crop_patches(images, patch_image, top_left[:, 0], top_left[:, 1], self.patch_size)
 
-        downsampled = torch.rand(flat.shape[0], device=device) < self.downsample_fraction
+        downsampled = torch.rand(flat.shape[0], device=device, generator=generator) < self.downsample_fraction
         if bool(downsampled.any()):
             low = max(1, round(self.downsample_scale[0] * self.patch_size))
             high = max(low, round(self.downsample_scale[1] * self.patch_size))
             selected = downsampled.nonzero().squeeze(1)
-            sides = torch.randint(low, high + 1, (selected.shape[0],), device=device)
+            sides = torch.randint(low, high + 1, (selected.shape[0],), device=device, generator=generator)
             patches = patches.index_copy(0, selected, downsample_upsample(patches[selected], sides))
 
-        inputs = colour_transform(patches.clamp(0.0, 1.0), self.colour).contiguous()
+        inputs = colour_transform(patches.clamp(0.0, 1.0), self.colour, generator).contiguous()
         return RelativePositionBatch(
             inputs=inputs,
             first=position[image_of_pair * cells + anchor],
@@ -536,6 +508,57 @@ class RelativePosition(Task):
             patch_cell=patch_cell,
             downsampled=downsampled,
         )
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(grid={self.grid}, patch_size={self.patch_size}, gap={self.gap}, jitter={self.jitter}, "
+            f"pairs={self.pairs!r}, colour={self.colour!r}, image_size={self.image_size})"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# task
+# --------------------------------------------------------------------------------------------
+
+
+class RelativePosition(Task):
+    """Relative position prediction between patches of a jittered grid (8-way classification).
+
+    Args:
+        loss_weight: weight of this task's loss in the "sum of weighted losses" mode.
+        hidden: width of the fc layers (original 4096).
+        dropout: dropout after each hidden fc layer.
+        pool: how the per-patch ``(C, h, w)`` features become a vector before the first fc:
+            ``"avg"`` (global average) or ``"flatten"`` (the whole map, as the original's fc6 on
+            pool5; keeps the layout inside the patch, which the task relies on).
+        **sampling: the sampling settings, arguments of :class:`RelativePositionSampler`
+            (``batch_size``, ``image_size``, ``input_mode``, ``patch_size``, ``gap``, ``jitter``,
+            ``grid``, ``pairs``, ``downsample_fraction``, ``downsample_scale``, ``colour``,
+            ``small_images``); the sampler is ``task.sampler``.
+    """
+
+    sampler: RelativePositionSampler
+
+    def __init__(
+        self, loss_weight: float = 1.0, hidden: int = 4096, dropout: float = 0.5, pool: PoolMode = "avg", **sampling: Any
+    ) -> None:
+        super().__init__(RelativePositionSampler(**sampling), loss_weight)
+        if pool not in ("avg", "flatten"):
+            raise ValueError(f"{type(self).__name__}: `pool` must be 'avg' or 'flatten', got {pool!r}")
+        self.hidden, self.dropout, self.pool = hidden, dropout, pool
+
+    # ---- head ---------------------------------------------------------------------------
+
+    def build_head(self, channels: int, stride: int) -> nn.Module:
+        """A :class:`RelativePositionHead` on ``channels``-channel features at ``stride``."""
+        side = math.ceil(self.sampler.patch_size / stride)  # trunk output side for one patch
+        return RelativePositionHead(channels, self.hidden, self.dropout, self.pool, (side, side))
+
+    def forward(self, features: Tensor, batch: TaskBatch) -> Tensor:
+        """``(N, C, h, w)`` features of ``batch.inputs`` -> ``(P, 8)`` pair logits."""
+        assert self.head is not None, "call attach() before forward()"
+        assert isinstance(batch, RelativePositionBatch)
+        return self.head(features, batch.first, batch.second)
 
     # ---- loss and metrics --------------------------------------------------------------
 
@@ -596,9 +619,3 @@ class RelativePosition(Task):
         slot = size + 2 * border
         canvas = framed.view(count, 3, 3, 3, slot, slot).permute(0, 3, 1, 4, 2, 5).reshape(count, 3, 3 * slot, 3 * slot)
         return {"pairs": draw.grid(canvas).cpu()}
-
-    def extra_repr(self) -> str:
-        return (
-            f"grid={self.grid}, patch_size={self.patch_size}, gap={self.gap}, jitter={self.jitter}, "
-            f"pairs={self.pairs!r}, colour={self.colour!r}, image_size={self.image_size}"
-        )

@@ -1,4 +1,4 @@
-"""Image sources, crops and the DataModule on real files written to a temporary folder."""
+"""Image sources and crops on real files written to a temporary folder (the DataModule: test_datamodule.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mtssl_lightning.data import ClipBatch, DataRequest, ImageBatch, ImageFolder, MultiTaskDataModule, SampleImages
+from mtssl_lightning.data import ImageFolder, MultiTaskDataModule, SampleImages
+from toy_tasks import BrightnessSampler
 from mtssl_lightning.data.datasets import CropDataset, random_resized_box
 from mtssl_lightning.data.sample import SAMPLE_NAMES, SAMPLE_VAL_NAMES, sample_images
 
@@ -91,52 +92,6 @@ def test_random_resized_box_stays_inside_and_covers_min_scale():
         assert 3 / 4 * 0.97 <= (x1 - x0) / (y1 - y0) <= 4 / 3 * 1.03
 
 
-def test_datamodule_gives_one_named_sub_batch_per_task():
-    requests = {"a": DataRequest(batch_size=4, image_size=32), "b": DataRequest(batch_size=2, image_size=48)}
-    dm = MultiTaskDataModule(steps_per_epoch=3, val_samples=4, num_workers=0, requests=requests)
-    dm.setup("fit")
-    train = list(dm.train_dataloader())
-    assert len(train) == 3
-    batch = train[0][0]
-    assert set(batch) == {"a", "b"}
-    assert isinstance(batch["a"], ImageBatch) and batch["a"].images.shape == (4, 3, 32, 32)
-    assert batch["b"].images.shape == (2, 3, 48, 48) and batch["b"].images.dtype == torch.uint8
-    val = [b for b, *_ in dm.val_dataloader()]
-    # 4 validation crops: task a has one batch of 4, task b two of 2 (then None for a)
-    assert len(val) == 2 and val[1]["a"] is None and val[1]["b"].images.shape[0] == 2
-
-
-def test_datamodule_video_task_needs_a_video_root_beside_an_image_root(tmp_path):
-    Image.new("RGB", (64, 64)).save(tmp_path / "a.png")
-    Image.new("RGB", (64, 64)).save(tmp_path / "b.png")
-    dm = MultiTaskDataModule(image_root=str(tmp_path), num_workers=0, requests={"ms": DataRequest(source="videos")})
-    with pytest.raises(ValueError, match="video_root"):
-        dm.setup("fit")
-    dm = MultiTaskDataModule(video_root=str(tmp_path / "nope"), num_workers=0, requests={"ms": DataRequest(source="videos")})
-    with pytest.raises(FileNotFoundError, match="nope"):
-        dm.setup("fit")
-
-
-def test_datamodule_gives_clips_of_the_sample_video_split_in_time():
-    requests = {
-        "img": DataRequest(batch_size=2, image_size=32),
-        "ms": DataRequest(source="videos", batch_size=3, image_size=40, clip_length=5, frame_stride=2),
-    }
-    dm = MultiTaskDataModule(steps_per_epoch=2, num_workers=0, requests=requests)
-    dm.setup("fit")
-    train = list(dm.train_dataloader())
-    assert len(train) == 2
-    clips = train[0][0]["ms"]
-    assert isinstance(clips, ClipBatch) and clips.clips.shape == (3, 5, 3, 40, 40) and clips.clips.dtype == torch.uint8
-    assert clips.masks is None and isinstance(train[0][0]["img"], ImageBatch)
-    # the sample clip has 250 frames: training clips lie in the first 200, validation clips in the last 50
-    assert int((clips.start + 8).max()) < 200
-    val = [b["ms"] for b, *_ in dm.val_dataloader() if b["ms"] is not None]
-    assert sum(len(v) for v in val) == 8  # 8 fixed clips per validation video by default
-    again = [b["ms"] for b, *_ in dm.val_dataloader() if b["ms"] is not None]
-    assert all(torch.equal(a.clips, b.clips) for a, b in zip(val, again))  # the same every epoch
-
-
 # ---------------------------------------------------------------------------------------------
 # A folder as real collections have it: odd modes, EXIF rotation, extreme sizes, broken files.
 
@@ -218,7 +173,7 @@ def test_a_folder_without_one_usable_image_fails_before_training(tmp_path):
     bad.mkdir()
     (bad / "empty.jpg").write_bytes(b"")
     (bad / "notes.png").write_text("not a png")
-    dm = MultiTaskDataModule(image_root=str(bad), num_workers=0, requests={"a": DataRequest(batch_size=2, image_size=32)})
+    dm = MultiTaskDataModule(image_root=str(bad), num_workers=0, samplers={"a": BrightnessSampler(batch_size=2, image_size=32)})
     with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"none of the 2 images .*bad.*Add readable images"):
         dm.setup("fit")
 

@@ -215,12 +215,10 @@ def test_smooth_prior_hand_case() -> None:
 def test_task_prior_is_counted_online_and_used_after_warm_up() -> None:
     task = Colorization(batch_size=2, image_size=32, prior_warmup_pixels=100)
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    task.eval()
-    task.build(images)
-    assert task.prior_counts.sum() == 0  # validation batches are not counted
-    assert torch.equal(task.class_weights(), torch.ones(task.num_bins))
-    task.train()
     batch = task.build(images)  # 2 × 8 × 8 = 128 pixels ≥ warm-up
+    assert task.prior_counts.sum() == 0  # building inputs counts nothing: the module observes training batches only
+    assert torch.equal(task.class_weights(), torch.ones(task.num_bins))
+    task.observe(batch)
     torch.testing.assert_close(task.prior_counts, batch.soft_targets.sum((0, 2, 3)).double())
     assert task.prior_counts.sum().item() == pytest.approx(128.0)
     smoothed = smooth_prior(task.empirical_prior(), task.centres, 5.0)
@@ -291,6 +289,7 @@ def test_build_forward_loss_shapes_and_gradients(size: tuple[int, int]) -> None:
     task.attach(trunk.out_channels, trunk.out_stride)
     images = torch.rand(2, 3, *size)
     batch = task.build(images)
+    task.observe(batch)  # a training batch: counted into the bin prior (past the warm-up)
     h, w = size[0] // 4, size[1] // 4
     assert isinstance(batch, ColorizationBatch)
     assert batch.inputs.shape == (2, 3, *size) and batch.lightness.shape == (2, 1, *size)

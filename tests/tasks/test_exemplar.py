@@ -282,12 +282,12 @@ def test_one_image_batch_and_bad_configs() -> None:
 
 def test_defaults_and_rescale() -> None:
     task = Exemplar()
-    assert (task.image_size, task.view_size, task.views, task.margin, task.mining) == (224, 168, 8, 0.5, "semi_hard")
-    assert task.data_request().image_size == 224 and task.blur_kernel_size == 13
+    assert (task.image_size, task.sampler.view_size, task.sampler.views, task.margin, task.mining) == (224, 168, 8, 0.5, "semi_hard")
+    assert task.data_request().image_size == 224 and task.sampler.blur_kernel_size == 13
     assert task.state_dict() == {}  # no augmentation ranges in checkpoints (they follow the config)
     task.rescale(0.25)  # configs/tiny.yaml
-    assert (task.image_size, task.view_size) == (56, 42)
-    assert task.blur_sigma == pytest.approx((0.025, 0.5)) and task.blur_kernel_size == 5
+    assert (task.image_size, task.sampler.view_size) == (56, 42)
+    assert task.sampler.blur_sigma == pytest.approx((0.025, 0.5)) and task.sampler.blur_kernel_size == 5
     assert task.build(torch.rand(2, 3, 56, 56)).inputs.shape == (16, 3, 42, 42)
 
 

@@ -33,7 +33,7 @@ def test_prepare_computes_masks_from_the_clip_and_targets_at_a_quarter() -> None
     clips = batch.clips.float() / 255
     assert isinstance(out, MotionSegmentationBatch)
     torch.testing.assert_close(out.inputs, clips[:, 2])  # the key frame, RGB
-    torch.testing.assert_close(out.masks, motion_masks(clips, task.mask_config))
+    torch.testing.assert_close(out.masks, motion_masks(clips, task.sampler.mask_config))
     assert out.targets.shape == (2, 1, 24, 24)
     # a target pixel is positive when most of its 4×4 window is
     torch.testing.assert_close(out.targets, (F.avg_pool2d(out.masks, 4) >= 0.5).float())

@@ -44,10 +44,10 @@ def setup() -> tuple[MultiTaskSSL, dict, dict, dict]:
     its task batches and the model's real predictions on them."""
     torch.manual_seed(0)
     model = MultiTaskSSL(tasks=_tasks(), trunk=ResNetV2("tiny", width=0.125)).eval()
-    data = MultiTaskDataModule(num_workers=0, val_samples=8, requests=model.data_requests())
+    data = MultiTaskDataModule(num_workers=0, val_samples=8, samplers=model.task_samplers())
     data.setup("validate")
     raw, *_ = next(iter(data.val_dataloader()))
-    batches = model.build_task_batches(raw)
+    batches = data.build(raw, training=False)
     with torch.no_grad():
         predictions = {name: model.task_forward(name, batch) for name, batch in batches.items()}
     return model, raw, batches, predictions
@@ -333,7 +333,7 @@ def test_pictures_of_cuda_batches_come_back_on_the_cpu(setup) -> None:
     model, raw, _, _ = setup
     model = MultiTaskSSL(tasks=_tasks(), trunk=ResNetV2("tiny", width=0.125)).eval().cuda()
     on_device = {name: type(sub)(**{k: (v.cuda() if torch.is_tensor(v) else v) for k, v in vars(sub).items()}) for name, sub in raw.items()}
-    batches = model.build_task_batches(on_device)
+    batches = MultiTaskDataModule(samplers=model.task_samplers()).build(on_device, training=False)
     with torch.no_grad():
         for name, batch in batches.items():
             assert batch.inputs.is_cuda

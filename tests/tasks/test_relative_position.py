@@ -235,8 +235,8 @@ def test_grey_colour_modes(colour: str) -> None:
 
 
 def test_input_mode_and_colour_are_consistent() -> None:
-    assert RelativePosition(input_mode="lab_gray").colour == "lab_gray"
-    assert RelativePosition().colour == "drop" and RelativePosition().input_mode == "rgb"
+    assert RelativePosition(input_mode="lab_gray").sampler.colour == "lab_gray"
+    assert RelativePosition().sampler.colour == "drop" and RelativePosition().input_mode == "rgb"
     assert RelativePosition(colour="lab_gray").input_mode == "lab_gray"
     with pytest.raises(ValueError, match="conflicts"):
         RelativePosition(input_mode="lab_gray", colour="drop")
@@ -244,7 +244,7 @@ def test_input_mode_and_colour_are_consistent() -> None:
 
 def test_image_size_default_and_too_small_config() -> None:
     task = RelativePosition()
-    assert task.required_size == 3 * 96 + 2 * 48 + 2 * 7 == 398
+    assert task.sampler.required_size == 3 * 96 + 2 * 48 + 2 * 7 == 398
     assert task.image_size == 398 and task.data_request().image_size == 398
     with pytest.raises(ValueError, match=r"image_size=300.*398"):
         RelativePosition(image_size=300)
@@ -398,5 +398,5 @@ def test_learns_relative_position_on_sample_photos() -> None:
 def test_rescale_shrinks_the_whole_grid_geometry():
     task = RelativePosition()  # 96 px patches, 48 px gaps, +-7 jitter -> 398 px crops
     task.rescale(0.25)
-    assert (task.patch_size, task.gap, task.jitter) == (24, 12, 2)
-    assert task.image_size == task.required_size == 3 * 24 + 2 * 12 + 2 * 2
+    assert (task.sampler.patch_size, task.sampler.gap, task.sampler.jitter) == (24, 12, 2)
+    assert task.image_size == task.sampler.required_size == 3 * 24 + 2 * 12 + 2 * 2
