@@ -6,6 +6,7 @@ import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 from PIL import Image
@@ -76,3 +77,32 @@ def write_voc(root: Path, images=IMAGES, splits=SPLITS) -> Path:
     for split, ids in splits.items():
         (voc / "ImageSets" / "Main" / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids))
     return root / "VOCdevkit"
+
+
+# ----------------------------------------------------------------------------- depth
+def frames(n: int, h: int, w: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Random RGB ``(n, h, w, 3)`` uint8 and depth ``(n, h, w)`` float32 metres, asymmetric on purpose."""
+    rng = np.random.default_rng(seed)
+    rgb = rng.integers(0, 256, size=(n, h, w, 3), dtype=np.uint8)
+    depth = rng.uniform(0.5, 9.5, size=(n, h, w)).astype(np.float32)
+    depth[:, 0, -1] = 7.25  # a marker at the top-right corner
+    return rgb, depth
+
+
+def write_labeled_mat(path: Path, rgb: np.ndarray, depth: np.ndarray) -> None:
+    """Write like MATLAB's ``save -v7.3``: the H×W×3×N / H×W×N arrays, column-major, i.e. HDF5
+    sees every axis reversed (numpy ``.T``); with MATLAB's 512-byte user block header."""
+    images_matlab = np.stack(list(rgb), axis=-1)  # (H, W, 3, N), MATLAB's shape
+    depths_matlab = np.stack(list(depth), axis=-1)  # (H, W, N)
+    with h5py.File(path, "w", userblock_size=512) as f:
+        f.create_dataset("images", data=np.ascontiguousarray(images_matlab.T))
+        f.create_dataset("depths", data=np.ascontiguousarray(depths_matlab.T))
+    with open(path, "r+b") as f:
+        f.write(b"MATLAB 7.3 MAT-file, Platform: GLNXA64, Created on: Mon Jan  1 00:00:00 2024 HDF5 schema 1.00 .")
+
+
+def write_pair(folder: Path, name: str, rgb: np.ndarray, depth_units: np.ndarray, rgb_ext: str = ".png") -> None:
+    """``<name><rgb_ext>`` and ``<name>_depth.png`` (``depth_units`` uint16 = 16-bit PNG, uint8 = 8-bit)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rgb).save(folder / f"{name}{rgb_ext}")
+    Image.fromarray(depth_units).save(folder / f"{name}_depth.png")
