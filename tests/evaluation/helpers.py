@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mtssl_lightning.evaluation.classification import ClassificationDataModule
 from mtssl_lightning.trunks import ResNetV2
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -106,3 +107,25 @@ def write_pair(folder: Path, name: str, rgb: np.ndarray, depth_units: np.ndarray
     folder.mkdir(parents=True, exist_ok=True)
     Image.fromarray(rgb).save(folder / f"{name}{rgb_ext}")
     Image.fromarray(depth_units).save(folder / f"{name}_depth.png")
+
+
+# ----------------------------------------------------------------------------- classification
+COLOURS = {"cat": (220, 30, 30), "dog": (30, 30, 220)}  # the class is readable from the pixels
+
+
+def write_tree(root: Path, classes: dict[str, int]) -> None:
+    """``root/<class>/...`` with ``n`` images per class: JPEG, PNG and one in a nested folder."""
+    rng = np.random.default_rng(0)
+    for name, n in classes.items():
+        for i in range(n):
+            folder = root / name / ("nested" if i == 0 else "")
+            folder.mkdir(parents=True, exist_ok=True)
+            pixels = np.clip(np.array(COLOURS[name]) + rng.integers(-20, 20, (40, 48, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i}.{'png' if i % 2 else 'jpg'}")
+
+
+def digits_datamodule(**kw) -> ClassificationDataModule:
+    """scikit-learn's digits at 32×32 in batches of 32, no worker processes (``kw`` overrides)."""
+    args = {"dataset": "digits", "image_size": 32, "batch_size": 32, "num_workers": 0}
+    args.update(kw)
+    return ClassificationDataModule(**args)
