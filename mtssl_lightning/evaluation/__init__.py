@@ -1,7 +1,7 @@
 """Transfer evaluation of a pretrained trunk (the paper's claims are about transfer).
 
-One file per protocol, each a LightningModule + DataModule run by ``mtssl fit/validate/test``
-with a config from ``configs/eval/`` that takes ``model.checkpoint``:
+One sub-package (kNN: one file) per protocol, each a LightningModule + DataModule run by
+``mtssl fit/validate/test`` with a config from ``configs/eval/`` that takes ``model.checkpoint``:
 
 * :mod:`~mtssl_lightning.evaluation.classification`: frozen linear probe (block 3, or block 4 +
   linear) and fine-tuning on image folders (ImageNet's layout), CIFAR-10/100, STL-10 on disk,

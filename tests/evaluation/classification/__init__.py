@@ -1,0 +1,1 @@
+"""Tests of mtssl_lightning.evaluation.classification, one module per module."""

@@ -1,0 +1,1 @@
+"""Tests of mtssl_lightning.evaluation.depth, one module per module."""

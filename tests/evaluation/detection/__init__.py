@@ -1,0 +1,1 @@
+"""Tests of mtssl_lightning.evaluation.detection, one module per module."""
