@@ -1,14 +1,47 @@
-"""Config files built from other config files (``_base_:``, :mod:`mtssl_lightning.config_bases`)."""
+"""Composed configs (``_base_:``): every experiment resolves to what its flat form resolved to.
+
+``tests/legacy_configs/pretrain/`` holds the 14 experiments as they were before they were built
+from ``configs/base/`` and ``configs/tasks/`` (flat files, every task block written out). Both
+forms go through the same parser (``mtssl fit --print_config``), so an option added to the code
+later changes both alike, while a wrong composition shows up as a difference.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import yaml
 from jsonargparse import Path as ConfigPath
 
 from mtssl_lightning.cli import run
 from mtssl_lightning.config_bases import ConfigBaseError, load_with_bases
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = sorted((ROOT / "configs" / "pretrain").glob("*.yaml"))
+LEGACY = ROOT / "tests" / "legacy_configs" / "pretrain"
+
+
+def resolved(config: Path, capsys) -> dict:
+    """What `mtssl fit --config <config> --print_config` prints, as a dict."""
+    with pytest.raises(SystemExit) as exit_info:
+        run(["fit", "--config", str(config), "--print_config"])
+    printed = capsys.readouterr()
+    assert exit_info.value.code in (0, None), printed.err[-3000:]
+    return yaml.safe_load(printed.out)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS, ids=[p.name for p in EXPERIMENTS])
+def test_experiment_resolves_as_its_flat_form_did(experiment, capsys):
+    legacy = LEGACY / experiment.name
+    if not legacy.exists():
+        pytest.skip(f"{experiment.name} is newer than the composed configs (no flat form to compare with)")
+    assert resolved(experiment, capsys) == resolved(legacy, capsys)
+
+
+def test_no_experiment_was_lost():
+    """The flat forms name the paper's experiments (README's table): each still has its config."""
+    assert {p.name for p in LEGACY.glob("*.yaml")} <= {p.name for p in EXPERIMENTS}
 
 
 def _load(path: Path):
