@@ -15,11 +15,12 @@ import yaml
 from jsonargparse import Path as ConfigPath
 
 from mtssl_lightning.cli import run
-from mtssl_lightning.config_bases import ConfigBaseError, load_with_bases
+from mtssl_lightning.config_bases import BASES_KEY, ConfigBaseError, load_with_bases
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted((ROOT / "configs" / "pretrain").glob("*.yaml"))
 LEGACY = ROOT / "tests" / "legacy_configs" / "pretrain"
+FRAGMENTS = sorted((ROOT / "configs" / "base").glob("*.yaml")) + sorted((ROOT / "configs" / "tasks").glob("*.yaml"))
 
 
 def resolved(config: Path, capsys) -> dict:
@@ -42,6 +43,22 @@ def test_experiment_resolves_as_its_flat_form_did(experiment, capsys):
 def test_no_experiment_was_lost():
     """The flat forms name the paper's experiments (README's table): each still has its config."""
     assert {p.name for p in LEGACY.glob("*.yaml")} <= {p.name for p in EXPERIMENTS}
+
+
+def _bases(config: Path) -> set[Path]:
+    """The files ``config`` is built from, through every level of ``_base_``."""
+    bases = yaml.safe_load(config.read_text()).get(BASES_KEY) or []
+    found: set[Path] = set()
+    for base in [bases] if isinstance(bases, str) else bases:
+        path = (config.parent / base).resolve()
+        found |= {path} | _bases(path)
+    return found
+
+
+def test_every_fragment_is_part_of_an_experiment():
+    """An edit to a fragment nothing includes would change nothing."""
+    used = set().union(*(_bases(p) for p in EXPERIMENTS))
+    assert {p.resolve() for p in FRAGMENTS} <= used
 
 
 def _load(path: Path):
