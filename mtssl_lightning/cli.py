@@ -22,6 +22,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.loggers import WandbLogger
 
 from mtssl_lightning.callbacks import PreemptionCheckpoint, TrainingDashboard
+from mtssl_lightning.config_bases import PARSER_MODE
 from mtssl_lightning.data.datamodule import MultiTaskDataModule
 from mtssl_lightning.pretrain import MultiTaskSSL
 
@@ -168,6 +169,11 @@ class MTSSLCLI(LightningCLI):
     """LightningCLI over any LightningModule/DataModule, defaulting to :class:`MultiTaskSSL` +
     :class:`MultiTaskDataModule` (so pretraining configs need no ``class_path``); prints where
     outputs went."""
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        """Every parser (main and subcommands) reads config files with ``_base_:`` (:mod:`mtssl_lightning.config_bases`)."""
+        kwargs.setdefault("parser_mode", PARSER_MODE)
+        return super().init_parser(**kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.set_defaults(
