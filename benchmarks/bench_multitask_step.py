@@ -37,7 +37,8 @@ from mtssl_lightning import MultiTaskSSL
 from mtssl_lightning.data.batch import ClipBatch, ImageBatch
 from mtssl_lightning.data.datasets import CropDataset
 from mtssl_lightning.data.sources import SampleImages
-from mtssl_lightning.data.video import ClipDataset, SampleVideos
+from mtssl_lightning.data.clips import ClipDataset
+from mtssl_lightning.data.video import SampleVideos
 from mtssl_lightning.tasks import Colorization, Exemplar, MotionSegmentation, RelativePosition
 from mtssl_lightning.trunks import ResNetV2
 

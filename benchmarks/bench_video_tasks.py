@@ -5,7 +5,7 @@
   device (phase correlation, warping, residuals, morphology, connected components);
 * **exemplar views/s** — :meth:`~mtssl_lightning.tasks.Exemplar.build` (one Kornia
   ``AugmentationSequential`` over the repeated batch) on crops of the sample photos;
-* **clips/s decoded** — :class:`~mtssl_lightning.data.video.ClipDataset` in a ``DataLoader``
+* **clips/s decoded** — :class:`~mtssl_lightning.data.clips.ClipDataset` in a ``DataLoader``
   with 2 workers (PyAV seek + decode + crop/resize on the CPU), the CPU side that feeds motion
   segmentation.
 
@@ -33,7 +33,8 @@ from mtssl_lightning.data.batch import ClipBatch
 from mtssl_lightning.data.datasets import CropDataset
 from mtssl_lightning.data.motion import motion_masks
 from mtssl_lightning.data.sources import SampleImages
-from mtssl_lightning.data.video import ClipDataset, SampleVideos
+from mtssl_lightning.data.clips import ClipDataset
+from mtssl_lightning.data.video import SampleVideos
 from mtssl_lightning.tasks import Exemplar
 
 SECTION = "bench_video_tasks"

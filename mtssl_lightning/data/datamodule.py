@@ -20,14 +20,9 @@ from mtssl_lightning.data.batch import ClipBatch, DataRequest, ImageBatch, TaskB
 from mtssl_lightning.data.datasets import CropDataset
 from mtssl_lightning.data.sampler import TaskSampler, TaskSamplerProvider
 from mtssl_lightning.data.sources import ImageCheck, ImageFolder, ImageSource, SampleImages
-from mtssl_lightning.data.video import (
-    VIDEO_EXTENSIONS,
-    ClipDataset,
-    FrameFolder,
-    SampleVideos,
-    VideoFolder,
-    VideoSource,
-)
+from mtssl_lightning.data.clips import ClipDataset
+from mtssl_lightning.data.frames import FrameFolder
+from mtssl_lightning.data.video import VIDEO_EXTENSIONS, SampleVideos, VideoFolder, VideoSource
 from mtssl_lightning.interfaces import tasks_of_rank
 
 log = logging.getLogger(__name__)
@@ -133,7 +128,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
         val_fraction: share of ``image_root`` held out when ``val_root`` is not given.
         video_root: folder of videos (files PyAV can decode: .mp4 .avi .mov .mkv .webm .m4v) or
             of frame folders (optionally with precomputed masks, see
-            :class:`~mtssl_lightning.data.video.FrameFolder`), for video tasks; ``None`` uses the
+            :class:`~mtssl_lightning.data.frames.FrameFolder`), for video tasks; ``None`` uses the
             sample street-scene clip when ``image_root`` is also ``None``.
         video_val_root: separate validation videos; ``None`` holds out the last
             ``video_val_fraction`` of every video's frames (a split in time).

@@ -4,7 +4,7 @@ The motion-segmentation task (Pathak et al. 2017) learns to predict, from one fr
 pixels that move independently of the camera. Pathak et al. obtain such masks with uNLC, an
 unsupervised video segmentation; here they are computed on the device, batched over clips, by
 a simpler and much cheaper method (a documented deviation; precomputed uNLC or optical-flow
-masks can be supplied instead, see :class:`~mtssl_lightning.data.video.FrameFolder`):
+masks can be supplied instead, see :class:`~mtssl_lightning.data.frames.FrameFolder`):
 
 1. **Camera motion** between the key frame ``T // 2`` and every other frame is modelled as a
    translation (pan / tilt) and estimated by phase correlation of the Hann-windowed grey frames

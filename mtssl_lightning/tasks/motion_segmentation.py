@@ -5,7 +5,7 @@ targets come from the frame's video: the DataModule delivers short clips (``clip
 frames, ``frame_stride`` apart); the key frame ``T // 2`` is the trunk's only input and its
 motion mask is the target, computed on the device from the whole clip by
 :func:`~mtssl_lightning.data.motion.motion_masks` or read from precomputed masks shipped with
-the frames (uNLC, optical flow… see :class:`~mtssl_lightning.data.video.FrameFolder`). A dense
+the frames (uNLC, optical flow… see :class:`~mtssl_lightning.data.frames.FrameFolder`). A dense
 head (:class:`~mtssl_lightning.tasks.heads.DenseHead`) predicts one logit per pixel at
 1/``output_stride`` of the input; the loss is the per-pixel sigmoid cross-entropy with a
 positive-class weight; metrics are the IoU and the F-measure of the thresholded prediction

@@ -18,9 +18,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-import mtssl_lightning.data.video as video
+import mtssl_lightning.data.clips as clips_module
 from mtssl_lightning.data.batch import ClipBatch
-from mtssl_lightning.data.video import ClipDataset, FrameFolder, SampleVideos, VideoFolder
+from mtssl_lightning.data.clips import ClipDataset
+from mtssl_lightning.data.frames import FrameFolder
+from mtssl_lightning.data.video import SampleVideos, VideoFolder
 
 W, H, N_FRAMES, GOP = 64, 48, 30, 5
 BITS = 5  # frame numbers < 32
@@ -272,13 +274,13 @@ def test_frame_folder_without_masks_everywhere_ignores_them(tmp_path):
 
 def test_clip_dataset_shapes_and_one_crop_for_all_frames(video_dir, monkeypatch):
     boxes = []
-    original = video.random_resized_box
+    original = clips_module.random_resized_box
 
     def spy(*args, **kwargs):
         boxes.append(original(*args, **kwargs))
         return boxes[-1]
 
-    monkeypatch.setattr(video, "random_resized_box", spy)
+    monkeypatch.setattr(clips_module, "random_resized_box", spy)
     torch.manual_seed(0)  # training clips draw from the global RNG
     source = VideoFolder(video_dir)
     flips = set()
