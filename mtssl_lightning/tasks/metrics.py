@@ -30,5 +30,15 @@ class HitRate(MeanMetric):
         """Add a boolean tensor of per-item hits (any shape)."""
         MeanMetric.update(self, hits.reshape(-1))
 
+    @property
+    def hits(self) -> Tensor:
+        """Hits counted so far (float64; ``MeanMetric``'s weighted sum)."""
+        return self.mean_value
+
+    @property
+    def total(self) -> Tensor:
+        """Items counted so far (float64; ``MeanMetric``'s total weight)."""
+        return self.weight
+
     def compute(self) -> Tensor:
         return (self.mean_value / self.weight.clamp_min(1.0)).to(torch.float32)
