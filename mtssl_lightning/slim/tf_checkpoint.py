@@ -1,7 +1,7 @@
 """TensorFlow's checkpoint format (V2 "tensor bundle"), read with the standard library and numpy.
 
 Why not TensorFlow itself: converting the paper's released checkpoint is a one-off read of
-float32 arrays, and TensorFlow is a ~1.5 GB install whose pins fight this project's (numpy,
+float32 arrays, and TensorFlow is a ~2 GB install whose pins fight this project's (numpy,
 protobuf); the format is small and stable (unchanged since TF 0.12, 2016). The parity test
 reads checkpoints that TensorFlow itself wrote, so this reader is checked against the real
 writer in CI.
