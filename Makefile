@@ -4,8 +4,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
+# TensorFlow + TF-slim live in their own environment: only the slim parity test's reference needs them
+TF_VENV := .venv-tf
+TF_STAMP := $(TF_VENV)/.installed-stamp
+SLIM_REFERENCE := build/slim-reference
 
-.PHONY: install quickstart test test-fast bench clean
+.PHONY: install quickstart test test-fast bench clean slim-reference
 
 install: $(STAMP)
 
@@ -18,15 +22,27 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 quickstart: install
 	$(BIN)/mtssl fit --config configs/quickstart.yaml
 
-test: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+test: install slim-reference
+	MTSSL_SLIM_REFERENCE=$(SLIM_REFERENCE) $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# TF-slim's own resnet_v2_50/101 with random weights: real TF checkpoints + end-points on fixed
+# images, which tests/slim/test_slim_parity.py converts and compares with ResNetV2 (~1 min + the install)
+slim-reference: $(SLIM_REFERENCE)/done
+
+$(TF_STAMP): requirements/tf-reference.txt
+	test -x $(TF_VENV)/bin/python || $(PYTHON) -m venv $(TF_VENV)
+	$(TF_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements/tf-reference.txt
+	touch $(TF_STAMP)
+
+$(SLIM_REFERENCE)/done: $(TF_STAMP) tests/slim/make_reference.py
+	TF_CPP_MIN_LOG_LEVEL=2 $(TF_VENV)/bin/python tests/slim/make_reference.py $(SLIM_REFERENCE)
 
 # every benchmark in turn; regenerates docs/benchmarks.md and docs/img/*.png (~15 min on 2 idle CPU cores)
 bench: install
 	$(BIN)/python -m benchmarks
 
 clean:
-	rm -rf runs wandb lightning_logs .pytest_cache
+	rm -rf runs wandb lightning_logs .pytest_cache $(SLIM_REFERENCE)

@@ -69,6 +69,20 @@ def load_trunk(checkpoint_path: str | os.PathLike, strict: bool = True) -> nn.Mo
     return trunk.eval()
 
 
+def write_trunk_export(trunk: Trunk, output_path: str | os.PathLike, **extra: Any) -> Path:
+    """Write ``{"trunk_spec": …, "state_dict": …, **extra}`` of plain values, atomically.
+
+    ``extra`` holds plain metadata (strings, numbers, lists, dicts), e.g. where the weights came
+    from; the file still loads with ``torch.load(weights_only=True)`` and :func:`load_trunk`.
+    """
+    output = Path(output_path)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_suffix(output.suffix + ".tmp")
+    torch.save({"trunk_spec": trunk.spec(), "state_dict": trunk.state_dict(), **extra}, tmp)
+    os.replace(tmp, output)  # atomic: never a half-written export
+    return output
+
+
 def export_trunk(checkpoint_path: str | os.PathLike, output_path: str | os.PathLike) -> Path:
     """Write the trunk alone: ``{"trunk_spec": {...}, "state_dict": {...}}`` of plain tensors.
 
@@ -76,9 +90,5 @@ def export_trunk(checkpoint_path: str | os.PathLike, output_path: str | os.PathL
     ``ResNetV2(**trunk_spec["init_args"])`` without any of this package's training code.
     """
     trunk = load_trunk(checkpoint_path)
-    output = Path(output_path)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_suffix(output.suffix + ".tmp")
-    torch.save({"trunk_spec": trunk.spec(), "state_dict": trunk.state_dict()}, tmp)
-    os.replace(tmp, output)  # atomic: never a half-written export
-    return output
+    assert isinstance(trunk, Trunk)
+    return write_trunk_export(trunk, output_path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import os
 import subprocess
+import sys
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -228,7 +229,15 @@ class MTSSLCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``mtssl`` console script (``args`` replaces ``sys.argv[1:]``)."""
+    """Entry point of the ``mtssl`` console script (``args`` replaces ``sys.argv[1:]``).
+
+    ``mtssl convert-slim …`` is a plain command, not a LightningCLI subcommand (no trainer).
+    """
+    argv = sys.argv[1:] if args is None else args
+    if argv[:1] == ["convert-slim"]:
+        from mtssl_lightning.slim.command import main as convert_slim_main
+
+        raise SystemExit(convert_slim_main(argv[1:]))
     run(args)
 
 

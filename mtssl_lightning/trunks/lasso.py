@@ -51,6 +51,13 @@ class UnitMixer(nn.Module):
     def forward(self, units: list[Tensor]) -> Tensor:
         if len(units) != self.alpha.numel():
             raise ValueError(f"UnitMixer has {self.alpha.numel()} weights but got {len(units)} units")
+        shapes = sorted({tuple(unit.shape) for unit in units})
+        if len(shapes) > 1:  # e.g. slim's native stride: block 3's last unit has stride 2, the others not
+            raise ValueError(
+                f"UnitMixer: the units have different shapes {shapes}, and the lasso mixes units of one shape; "
+                "use a trunk whose last block keeps one stride (ResNetV2 `output_stride: 16`; for a converted "
+                "TF-slim checkpoint `mtssl convert-slim --output-stride 16`)"
+            )
         mixed = units[0] * self.alpha[0].to(units[0].dtype)
         for weight, unit in zip(self.alpha[1:], units[1:]):  # over units (a few dozen), not samples
             mixed = mixed + weight.to(unit.dtype) * unit

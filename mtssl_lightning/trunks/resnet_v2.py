@@ -11,6 +11,13 @@ Differences from torchvision's (v1) ResNet that matter for faithfulness:
 
 ``output_stride`` follows slim: once the running stride reaches it, later units use stride 1
 and dilate their 3×3 convolutions instead.
+
+Slim's ``resnet_v2_N/block3`` end-point (the paper's released representation) is
+``ResNetV2("v2_N", output_stride=None, final_norm=False)``: native stride 32, the raw
+(pre-activation) output of block 3's last unit; ``final_norm=True`` with ``last_block=4`` is
+slim's ``postnorm`` output. ``tests/slim/test_slim_parity.py`` checks both, and every unit of block 3,
+against TF-slim's own ``resnet_v2_50``/``resnet_v2_101`` (native stride and ``output_stride=16``)
+to 1e-4 relative error; :mod:`mtssl_lightning.slim` converts slim checkpoints.
 """
 
 from __future__ import annotations
