@@ -125,8 +125,8 @@ def one_step(model: MultiTaskSSL, optimizers: list[torch.optim.Optimizer], batch
     for i, name in enumerate(names):
         optimizers[i].zero_grad(set_to_none=True)
         with saved.track():
-            loss = model._task_loss(name, batch[name], "train")
-            penalty = model._penalty([name])
+            loss = model.task_loss(name, batch[name], "train")
+            penalty = model.penalty([name])
         saved.backward_point()
         (loss if penalty is None else loss + penalty).backward()
         optimizers[i].step()

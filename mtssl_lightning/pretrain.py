@@ -3,20 +3,19 @@
 One training step: every task receives its own ready batch (inputs and targets, built on the
 device by the task's sampler in the DataModule's ``on_after_batch_transfer``), the shared trunk
 embeds it, the task reads the block-3 output ("naive") or its own lasso mix of block 3's units,
-its head and loss run, and per-task losses and metrics are logged under ``{stage}/{task}/…``.
-Two ways to combine tasks:
+its head and loss run (in float32 whatever the autocast state), and per-task losses and metrics
+are logged under ``{stage}/{task}/…``. How tasks are combined (``combine``): ``sum`` — the step's
+loss is ``Σ_t loss_weight_t · loss_t`` (+ the lasso penalty), one optimizer; ``alternate`` and
+``concurrent`` — one optimizer per task (:mod:`mtssl_lightning.steps`).
 
-* ``combine: sum`` — the step's loss is ``Σ_t loss_weight_t · loss_t`` (+ the lasso penalty),
-  one optimizer;
-* ``combine: alternate`` — the paper's scheme: one optimizer per task over the trunk, that
-  task's head and lasso weights, stepped in turn within every training step (manual
-  optimization), each with its own LR schedule and gradient clipping; tasks need no loss
-  weights. ``task_ratios`` runs a task on only a share of the steps.
+A training step never makes the host wait for the device: non-finite losses are caught on the
+device (:mod:`mtssl_lightning.nonfinite`), host numbers are logged from device scalars
+(:mod:`mtssl_lightning.device_scalars`), and the values that must be read are read every
+``check_every_n_steps`` steps only.
 
 Under a task-parallel strategy (:class:`~mtssl_lightning.interfaces.TaskParallel`, e.g.
 :class:`~mtssl_lightning.distributed.TaskParallelStrategy`) each rank trains only its tasks
-(``active_tasks``) and the strategy averages gradients (trunk over all ranks, a head over its
-task's ranks) after every backward pass; the module offers it its shared and per-task modules
+(``active_tasks``); the module offers the strategy its shared and per-task modules
 (:class:`~mtssl_lightning.interfaces.TaskModules`). Single-task training is the same module with
 one task.
 """
@@ -24,8 +23,6 @@ one task.
 from __future__ import annotations
 
 import logging
-import math
-import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
@@ -36,7 +33,10 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from mtssl_lightning.data.batch import TaskBatch
+from mtssl_lightning.device_scalars import DeviceScalars
 from mtssl_lightning.interfaces import TaskParallel, tasks_of_rank
+from mtssl_lightning.nonfinite import NonFinite, UpdateGuard
+from mtssl_lightning.steps import Combine, TaskStepping, check_combine_options
 from mtssl_lightning.tasks.base import Task, TaskSampler
 from mtssl_lightning.trunks import ResNetV2, Trunk
 from mtssl_lightning.trunks.base import apply_speed_options
@@ -46,11 +46,9 @@ log = logging.getLogger(__name__)
 
 STAGES = ("train", "val")
 Mixing = Literal["naive", "lasso"]
-Combine = Literal["sum", "alternate"]
-NonFinite = Literal["skip", "stop"]
 
 
-class MultiTaskSSL(pl.LightningModule):
+class MultiTaskSSL(TaskStepping, pl.LightningModule):
     """Multi-task self-supervised pretraining of one shared trunk.
 
     Args:
@@ -58,33 +56,47 @@ class MultiTaskSSL(pl.LightningModule):
             Python identifiers. Each task's head is created here for the trunk's output.
         trunk: the shared trunk (default: ResNet-v2-101 cut after block 3, as in the paper).
         optimizer: builds an optimizer from parameters (default: RMSProp, lr 1e-3, the paper's
-            optimizer family; the paper's exact settings are not published). With
-            ``combine: alternate`` it is called once per task.
-        lr_scheduler: optional; stepped every training step (per optimizer).
+            optimizer family; the paper's exact settings are not published). With one optimizer
+            per task it is called once per task.
+        lr_scheduler: optional; one per optimizer, each stepped once every training step.
         pixel_scale: multiplies every task's pixel sizes (crop size, patch size, gap, …) before
             the heads are built; ``configs/tiny.yaml`` uses 0.25 to shrink any experiment.
         mixing: ``"naive"`` (every head reads the block-3 output) or ``"lasso"`` (each task
-            reads ``BN+ReLU(Σ_u α[task, u] · unit_u)`` over block 3's units, see
-            :mod:`mtssl_lightning.trunks.lasso`).
+            reads its own mix of block 3's units, see :mod:`mtssl_lightning.trunks.lasso`).
         lasso_penalty: λ of the L1 penalty ``λ Σ_u |α[task, u]|`` added to each task's loss.
         lasso_init: ``"last"`` (α one-hot on the last unit) or ``"uniform"``.
-        combine: ``"sum"`` (weighted sum of task losses, one optimizer) or ``"alternate"``
-            (one optimizer per task, stepped in turn; the paper's scheme).
-        task_ratios: ``{task: r}`` with r in (0, 1]: in alternate mode a task runs on a share r
-            of the steps (deterministically: at step s when ``⌊(s+1)·r⌋ > ⌊s·r⌋``); others every step.
-        gradient_clip_val: alternate mode: clip each task's gradient norm to this before its
-            optimizer steps (in sum mode use the Trainer's ``gradient_clip_val``).
-        channels_last: on CUDA, run the trunk in channels-last memory format (ignored on CPU).
-        compile: on CUDA, ``torch.compile`` the trunk in place (``nn.Module.compile``, keeps
-            the checkpoint keys; ignored on CPU, where compilation costs more than it saves).
-        nonfinite: what to do when a training loss is NaN or infinite (checked every step, across
-            all ranks): ``"skip"`` the update with a warning (counted in ``train/nonfinite_skipped``;
-            in alternate mode only that task's update) or ``"stop"``: save the weights from before
-            the step to ``<default_root_dir>/nonfinite-last-good.ckpt`` and raise ``FloatingPointError``.
+        combine: ``"sum"`` (weighted sum of task losses, one optimizer), ``"alternate"`` (one
+            optimizer per task, stepped in turn, each task's gradient taken after the previous
+            task's update) or ``"concurrent"`` (one optimizer per task, every task's gradient at
+            the same parameters, then the updates in turn: the synchronous form of the paper's
+            asynchronous workers, the same on one device and on task-parallel ranks). See
+            :mod:`mtssl_lightning.steps`.
+        task_ratios: ``{task: r}`` with r in (0, 1]: with one optimizer per task, a task runs on a
+            share r of the steps (deterministically: at step s when ``⌊(s+1)·r⌋ > ⌊s·r⌋``).
+        gradient_clip_val: clip each optimizer's gradient norm to this before it steps (with one
+            optimizer per task; in sum mode use the Trainer's ``gradient_clip_val``).
+        channels_last: run the trunk in channels-last memory format (the inputs too).
+        compile: ``torch.compile`` the trunk in place (``nn.Module.compile``, keeps the checkpoint
+            keys). Both are applied in ``configure_model``, before a strategy wraps the model or the
+            optimizers are made, on whatever device runs (the paper configs turn them on for GPUs;
+            ``configs/tiny.yaml`` turns them off for the CPU).
+        compile_options: keyword arguments of ``torch.compile`` (e.g. ``{mode: max-autotune}``, or
+            ``{backend: aot_eager}``: Dynamo and AOTAutograd without Inductor's code generation,
+            which takes many minutes on a CPU).
+        nonfinite: a NaN or infinite training loss: ``"skip"`` its update (parameters, moment
+            estimates and BatchNorm statistics stay as they were; with one optimizer per task only
+            that task's update), ``"stop"`` (no update from the first one on; at the next check the
+            weights from before it are saved to ``<default_root_dir>/nonfinite-last-good.ckpt`` and
+            ``FloatingPointError`` is raised), or ``"ignore"``. Decided on the device, every step
+            (:mod:`mtssl_lightning.nonfinite`); counted in ``train/nonfinite_skipped`` and warned
+            about at the checks.
+        check_every_n_steps: how often the host reads what the device counted (non-finite
+            updates): one sync every that many training steps.
         grad_norm_every_n_steps: every that many training steps, log ``grad_norm/<task>``: the
-            norm of each task's (weighted) loss gradient on the shared trunk, this rank's. In
-            alternate mode it is read after the task's backward (free); in sum mode it costs one
-            extra backward pass per task on those steps. 0 = never.
+            norm of each task's (weighted) loss gradient on the shared trunk, this rank's. With one
+            optimizer per task it is read after the task's backward (free); in sum mode it costs
+            one extra backward pass per task on those steps, and is not logged with ``compile``
+            (a compiled backward frees its buffers, so the graph cannot be walked twice). 0 = never.
     """
 
     def __init__(
@@ -102,7 +114,9 @@ class MultiTaskSSL(pl.LightningModule):
         gradient_clip_val: float | None = None,
         channels_last: bool = False,
         compile: bool = False,
+        compile_options: dict[str, Any] | None = None,
         nonfinite: NonFinite = "skip",
+        check_every_n_steps: int = 50,
         grad_norm_every_n_steps: int = 50,
     ) -> None:
         super().__init__()
@@ -116,31 +130,15 @@ class MultiTaskSSL(pl.LightningModule):
                 raise ValueError(f"task name {name!r} must be a Python identifier (letters, digits, _)")
         if mixing not in ("naive", "lasso"):
             raise ValueError(f"`mixing` must be 'naive' or 'lasso', got {mixing!r}")
-        if combine not in ("sum", "alternate"):
-            raise ValueError(f"`combine` must be 'sum' or 'alternate', got {combine!r}")
         if lasso_penalty < 0:
             raise ValueError(f"`lasso_penalty` must be >= 0, got {lasso_penalty}")
-        task_ratios = dict(task_ratios or {})
-        unknown = sorted(set(task_ratios) - set(tasks))
-        if unknown:
-            raise ValueError(f"`task_ratios` names unknown task(s) {unknown}; the tasks are {sorted(tasks)}")
-        if task_ratios and combine != "alternate":
-            raise ValueError("`task_ratios` needs `combine: alternate` (in sum mode use each task's `loss_weight`)")
-        bad = {k: v for k, v in task_ratios.items() if not 0.0 < v <= 1.0}
-        if bad:
-            raise ValueError(f"`task_ratios` must be in (0, 1], got {bad}")
-        if task_ratios and all(task_ratios.get(name, 1.0) < 1.0 for name in tasks):
-            raise ValueError(
-                "`task_ratios`: at least one task must run every step (ratio 1, or not listed), so that "
-                "every training batch counts as one step"
-            )
-        if nonfinite not in ("skip", "stop"):
-            raise ValueError(f"`nonfinite` must be 'skip' or 'stop', got {nonfinite!r}")
-        if gradient_clip_val is not None and gradient_clip_val <= 0:
-            raise ValueError(f"`gradient_clip_val` must be positive or null, got {gradient_clip_val}")
-        self.trunk = trunk if trunk is not None else ResNetV2()
         if pixel_scale <= 0:
             raise ValueError(f"`pixel_scale` must be positive, got {pixel_scale}")
+        if check_every_n_steps < 1 or grad_norm_every_n_steps < 0:
+            raise ValueError(f"need `check_every_n_steps` >= 1 and `grad_norm_every_n_steps` >= 0, got {check_every_n_steps}, {grad_norm_every_n_steps}")
+        self.combine, self.task_ratios = check_combine_options(combine, task_ratios, gradient_clip_val, list(tasks))
+        self.gradient_clip_val = gradient_clip_val
+        self.trunk = trunk if trunk is not None else ResNetV2()
         self.tasks = nn.ModuleDict(tasks)
         for task in self.tasks.values():
             if pixel_scale != 1.0:
@@ -159,19 +157,18 @@ class MultiTaskSSL(pl.LightningModule):
                 for name, task in self.tasks.items()
             }
         )
-        self.optimizer_factory = optimizer
-        self.scheduler_factory = lr_scheduler
-        self.combine, self.task_ratios, self.gradient_clip_val = combine, task_ratios, gradient_clip_val
-        self.channels_last, self.compile_trunk = channels_last, compile
-        self.nonfinite = nonfinite
-        self._nonfinite_skipped = 0
+        self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
+        self.channels_last, self.compile_trunk, self.compile_options = channels_last, compile, dict(compile_options or {})
+        self._speed_options_applied = False
+        self.guard = UpdateGuard(nonfinite)
+        self.nonfinite: NonFinite = nonfinite
+        self.check_every_n_steps, self.grad_norm_every_n_steps = check_every_n_steps, grad_norm_every_n_steps
+        self._nonfinite_skipped = 0  # non-finite updates found so far (read at the checks)
         self._skipped_files = 0  # images/videos the workers found undecodable (this rank, whole run)
-        if grad_norm_every_n_steps < 0:
-            raise ValueError(f"`grad_norm_every_n_steps` must be >= 0, got {grad_norm_every_n_steps}")
-        self.grad_norm_every_n_steps = grad_norm_every_n_steps
+        self._host_scalars = DeviceScalars()
         #: images (or clips) the last training batch was built from, over all tasks (read by TrainingDashboard)
         self.last_batch_samples = 0
-        self.automatic_optimization = combine == "sum"
+        self.automatic_optimization = self.combine == "sum"
         self._train_steps = 0  # training batches done (saved in checkpoints; drives task_ratios)
 
     # ---------------------------------------------- what the DataModule and strategy ask
@@ -191,6 +188,10 @@ class MultiTaskSSL(pl.LightningModule):
         """What belongs to task ``name`` alone: the task (its head) and, in lasso mode, its mixer."""
         return [self.tasks[name], self.mixers[name]] if self.mixing == "lasso" else [self.tasks[name]]
 
+    def task_parameters(self, name: str) -> list[nn.Parameter]:
+        """Parameters one task's optimizer updates: trunk, its head, its lasso weights."""
+        return [*self.trunk.parameters(), *(p for m in self.task_modules(name) for p in m.parameters())]
+
     @property
     def _task_parallel(self) -> TaskParallel | None:
         """The trainer's strategy when it is task-parallel, else ``None``."""
@@ -204,45 +205,57 @@ class MultiTaskSSL(pl.LightningModule):
         return tasks_of_rank(self._trainer.strategy, self.global_rank, list(self.tasks))
 
     # ------------------------------------------------------------------- speed
-    def on_fit_start(self) -> None:
-        apply_speed_options(self.trunk, self.device, self.channels_last, self.compile_trunk)
+    def configure_model(self) -> None:
+        """channels-last / ``torch.compile`` of the trunk, before a strategy wraps the model or the
+        optimizers (and any resumed optimizer state) are made, so both see the final layout."""
+        if not self._speed_options_applied:
+            apply_speed_options(self.trunk, self.channels_last, self.compile_trunk, self.compile_options)
+            self._speed_options_applied = True
 
     # ------------------------------------------------------------------- steps
     def task_forward(self, name: str, batch: TaskBatch) -> Tensor:
         """Trunk + (lasso mix) + head of task ``name`` on its batch; returns the task's predictions."""
         inputs = batch.inputs
-        if self.channels_last and inputs.is_cuda:
+        if self.channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         output = self.trunk(inputs)
         features = self.mixers[name](output.units) if self.mixing == "lasso" else output.features
         return self.tasks[name](features, batch)
 
-    def _task_loss(self, name: str, sub: TaskBatch, stage: str) -> Tensor:
-        """Forward, loss, logs and metric update of one task; returns its (unweighted) loss."""
+    def task_loss(self, name: str, sub: TaskBatch, stage: str) -> Tensor:
+        """Forward (under the run's precision), then loss, logs and metric update of one task in
+        float32 with autocast off; returns its (unweighted) float32 loss."""
         task = self.tasks[name]
         prediction = self.task_forward(name, sub)
-        loss = task.loss(prediction, sub)
+        with torch.autocast(device_type=prediction.device.type, enabled=False):
+            prediction = prediction.float()
+            loss = task.loss(prediction, sub)
+            metrics = self.metrics[f"{stage}_{name}"]
+            metrics.update(*task.metric_inputs(prediction.detach(), sub))
         size = sub.inputs.shape[0]
-        self.log(f"{stage}/{name}/loss", loss, batch_size=size, prog_bar=True, on_step=stage == "train", on_epoch=True)
-        metrics = self.metrics[f"{stage}_{name}"]
-        metrics.update(*task.metric_inputs(prediction.detach(), sub))
+        # a progress-bar value is read on the host every step: only validation's epoch values go there
+        self.log(f"{stage}/{name}/loss", loss, batch_size=size, prog_bar=stage == "val", on_step=stage == "train", on_epoch=True)
         self.log_dict(metrics, batch_size=size, on_step=False, on_epoch=True)
         return loss
 
-    def _penalty(self, names: list[str]) -> Tensor | None:
+    def penalty(self, names: list[str]) -> Tensor | None:
         """``λ Σ_t Σ_u |α[t, u]|`` over the tasks ``names`` (lasso mode), else ``None``."""
         if self.mixing != "lasso" or self.lasso_penalty == 0:
             return None
         return self.lasso_penalty * sum(self.mixers[name].penalty() for name in names)
 
-    def _grad_norm_due(self) -> bool:
+    def grad_norm_due(self) -> bool:
         return self.grad_norm_every_n_steps > 0 and self._train_steps % self.grad_norm_every_n_steps == 0
 
-    def _log_trunk_grad_norm(self, name: str, grads: Iterable[Tensor | None]) -> None:
+    def log_trunk_grad_norm(self, name: str, grads: Iterable[Tensor | None]) -> None:
         """Log ``grad_norm/<name>``: the L2 norm over all trunk parameters of one task's gradient."""
         present = [g.detach() for g in grads if g is not None]
         if present:
             self.log(f"grad_norm/{name}", torch.nn.utils.get_total_norm(present), on_step=True, on_epoch=False, batch_size=1)
+
+    def log_host_values(self, values: dict[str, float]) -> None:
+        """Log numbers the host holds (counts) as step values, without a host-to-device copy."""
+        self.log_dict(self._host_scalars(values, self.device), on_step=True, on_epoch=False, batch_size=1)
 
     def _log_alpha(self) -> None:
         for name, mixer in self.mixers.items():
@@ -252,46 +265,22 @@ class MultiTaskSSL(pl.LightningModule):
         total: Tensor | None = None
         for name in self.tasks:
             if names is not None and name not in names:
-                self._log_untrained_metrics(name)
+                self.log_untrained_metrics(name)
                 continue
             sub = batch.get(name)
             if sub is None:  # this task's validation loader is exhausted
                 continue
-            weighted = self.tasks[name].loss_weight * self._task_loss(name, sub, stage)
-            if stage == "train" and self._grad_norm_due() and weighted.requires_grad:
+            weighted = self.tasks[name].loss_weight * self.task_loss(name, sub, stage)
+            # (a compiled trunk's backward frees its buffers: no second backward through it, no per-task norm)
+            if stage == "train" and self.grad_norm_due() and weighted.requires_grad and not self.compile_trunk:
                 trunk = list(self.trunk.parameters())
-                self._log_trunk_grad_norm(name, torch.autograd.grad(weighted, trunk, retain_graph=True, allow_unused=True))
+                self.log_trunk_grad_norm(name, torch.autograd.grad(weighted, trunk, retain_graph=True, allow_unused=True))
             total = weighted if total is None else total + weighted
         assert total is not None, "a batch with no task sub-batch"
         self.log(f"{stage}/loss", total, batch_size=1, on_step=stage == "train", on_epoch=True)
         return total
 
-    def _check_finite(self, loss: Tensor | None, what: str) -> bool:
-        """Whether ``loss`` is finite on every rank (one host sync and, distributed, one collective);
-        otherwise handle it per ``nonfinite``. ``None`` (a task this rank does not run) counts as finite."""
-        finite = loss is None or bool(torch.isfinite(loss.detach()).all())
-        if self._trainer is not None:
-            finite = bool(self._trainer.strategy.reduce_boolean_decision(finite, all=True))
-        if finite:
-            return True
-        if self.nonfinite == "stop":
-            path = Path(self.trainer.default_root_dir) / "nonfinite-last-good.ckpt"
-            self.trainer.save_checkpoint(path)
-            raise FloatingPointError(
-                f"non-finite {what} loss at training step {self._train_steps}; the weights from before this step "
-                f"are saved in {path}. Lower the learning rate, set `model.gradient_clip_val` (alternate mode) or "
-                "`trainer.gradient_clip_val` (sum mode), or set `model.nonfinite: skip`."
-            )
-        self._nonfinite_skipped += 1
-        warnings.warn(
-            f"non-finite {what} loss at training step {self._train_steps}: update skipped "
-            f"({self._nonfinite_skipped} so far)",
-            stacklevel=2,
-        )
-        self.log("train/nonfinite_skipped", float(self._nonfinite_skipped), on_step=True, on_epoch=False, batch_size=1)
-        return False
-
-    def _log_untrained_metrics(self, name: str) -> None:
+    def log_untrained_metrics(self, name: str) -> None:
         """Log task ``name``'s training metrics without updating them (a rank that does not train it).
 
         Metrics are synchronised across ranks when they are computed at the end of an epoch, in
@@ -299,10 +288,11 @@ class MultiTaskSSL(pl.LightningModule):
         """
         self.log_dict(self.metrics[f"train_{name}"], on_step=False, on_epoch=True, batch_size=1)
 
-    def runs_at(self, name: str, step: int) -> bool:
-        """Whether task ``name`` runs at training step ``step`` (``task_ratios``, alternate mode)."""
-        ratio = self.task_ratios.get(name, 1.0)
-        return math.floor((step + 1) * ratio) > math.floor(step * ratio)
+    def agreed(self, finite: Tensor) -> Tensor:
+        """``finite`` (0-d bool on the device) on every rank: a device-side all-reduce (MIN), no host read."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return finite
+        return self.trainer.strategy.reduce(finite.to(torch.int32), reduce_op="min").bool()
 
     def training_step(self, batch: dict[str, TaskBatch | None], batch_idx: int) -> Tensor | None:
         names = self.active_tasks()
@@ -311,75 +301,50 @@ class MultiTaskSSL(pl.LightningModule):
         self.last_batch_samples = sum(sub.samples for sub in present.values())
         for name, sub in present.items():  # state that belongs to the loss (colorization's bin prior)
             self.tasks[name].observe(sub)
-        # a plain number, no collective: files skipped by this rank's workers so far (warned about each)
-        self.log("train/skipped_files", float(self._skipped_files), on_step=True, on_epoch=False, batch_size=1)
+        # files skipped by this rank's workers so far (warned about each), and non-finite updates found at the checks
+        self.log_host_values({"train/skipped_files": self._skipped_files, "train/nonfinite_skipped": self._nonfinite_skipped})
         if self.mixing == "lasso":
             self._log_alpha()
         if self.combine == "sum":
             loss = self._shared_step(batch, "train", names)
-            penalty = self._penalty(names)
+            penalty = self.penalty(names)
             loss = loss if penalty is None else loss + penalty
-            finite = self._check_finite(loss, "training")
+            self._finite = self.agreed(torch.isfinite(loss.detach()))  # settled in optimizer_step
             self._train_steps += 1
-            return loss if finite else None  # None: Lightning skips backward and the step
-        return self._alternate_step(batch, names)
+            return loss
+        self.per_task_step(batch, names)
+        return None
 
-    def _alternate_step(self, batch: dict[str, TaskBatch | None], names: list[str]) -> None:
-        """One optimizer step per task, in turn: zero grad, the task's loss (+ its lasso
-        penalty), backward, gradient sync (task-parallel), clipping, step, its scheduler."""
-        optimizers = self.optimizers()
-        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
-        schedulers = self.lr_schedulers()
-        schedulers = [] if schedulers is None else schedulers if isinstance(schedulers, list) else [schedulers]
-        order = list(self.tasks)
-        # under a task-parallel strategy every rank walks through every task (the gradient
-        # reduction is collective); a rank that does not run a task contributes no gradient
-        walk = order if self._task_parallel is not None else names
-        running = [n for n in walk if self.runs_at(n, self._train_steps)]
-        for name in running:
-            index = order.index(name)
-            optimizer = optimizers[index]
-            optimizer.zero_grad(set_to_none=True)
-            loss = None
-            if name in names and batch.get(name) is not None:
-                loss = self._task_loss(name, batch[name], "train")
-                penalty = self._penalty([name])
-                loss = loss if penalty is None else loss + penalty
-            else:
-                self._log_untrained_metrics(name)
-            # collective decision (every rank walks the same tasks); a skipped task leaves all
-            # gradients None, so its optimizer step below changes nothing
-            if self._check_finite(loss, f"{name!r}"):
-                if loss is not None:
-                    self.manual_backward(loss)
-                    if self._grad_norm_due():
-                        self._log_trunk_grad_norm(name, [p.grad for p in self.trunk.parameters()])
-                self.sync_task_gradients(name)
-            if self.gradient_clip_val is not None:
-                self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
-            if name == running[-1]:
-                optimizer.step()  # the LightningOptimizer: counts one trainer.global_step per batch
-            else:
-                # the same precision-aware step without advancing global_step, so that max_steps,
-                # checkpoint intervals and loggers count batches, not task updates
-                self.trainer.strategy.optimizer_step(optimizer.optimizer, closure=lambda: None)
-            if schedulers:
-                schedulers[index].step()
-        self._train_steps += 1
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self._task_parallel is not None:
-            self._task_parallel.sync_buffers(self)
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        """Sum mode: the update as a guarded transaction (:mod:`mtssl_lightning.nonfinite`), its snapshot
+        taken before the closure runs the forward pass (BatchNorm statistics change there)."""
+        snapshot = self.guard.begin([getattr(optimizer, "optimizer", optimizer)], [self])
+        optimizer.step(closure=optimizer_closure)
+        self.guard.settle(snapshot, self._finite, self._train_steps - 1)
 
     def on_after_backward(self) -> None:
         if self.automatic_optimization:
             self.sync_task_gradients(None)
 
     def sync_task_gradients(self, task: str | None) -> None:
-        """Let a task-parallel strategy average the gradients of the last backward pass
-        (``task`` = the task of that pass in alternate mode, ``None`` = all of this rank's tasks)."""
+        """Let a task-parallel strategy average the last backward pass's gradients (of ``task``; ``None``: all)."""
         if self._task_parallel is not None:
             self._task_parallel.reduce_task_gradients(self, task)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._task_parallel is not None:
+            self._task_parallel.sync_buffers(self)
+        if self._train_steps % self.check_every_n_steps == 0:
+            self.check_nonfinite()
+
+    def on_train_end(self) -> None:
+        self.check_nonfinite()  # what the last steps found
+
+    def check_nonfinite(self) -> None:
+        """The periodic check (one host sync): warn about the non-finite updates found since the last
+        check; in ``stop`` mode, save the weights from before the first one and raise."""
+        path = Path(self.trainer.default_root_dir) / "nonfinite-last-good.ckpt"
+        self._nonfinite_skipped += self.guard.check(self._train_steps, self._nonfinite_skipped, self.trainer.save_checkpoint, path)
 
     def validation_step(self, batch: dict[str, TaskBatch | None], batch_idx: int) -> Tensor:
         return self._shared_step(batch, "val")
@@ -392,20 +357,13 @@ class MultiTaskSSL(pl.LightningModule):
         return {name: self.task_forward(name, sub) for name, sub in batch.items() if sub is not None}
 
     # -------------------------------------------------------------- optimizers
-    def task_parameters(self, name: str) -> list[nn.Parameter]:
-        """Parameters one task's optimizer updates in alternate mode: trunk, its head, its lasso weights."""
-        return [*self.trunk.parameters(), *(p for m in self.task_modules(name) for p in m.parameters())]
-
     def _make_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         if self.optimizer_factory is None:
             return torch.optim.RMSprop(params, lr=1e-3)
         return self.optimizer_factory(params)
 
     def configure_optimizers(self) -> Any:
-        if self.combine == "sum":
-            groups = [list(self.parameters())]
-        else:
-            groups = [self.task_parameters(name) for name in self.tasks]
+        groups = [list(self.parameters())] if self.combine == "sum" else [self.task_parameters(name) for name in self.tasks]
         configs = []
         for params in groups:
             optimizer = self._make_optimizer(params)
@@ -423,8 +381,9 @@ class MultiTaskSSL(pl.LightningModule):
         checkpoint["trunk_spec"] = self.trunk.spec()
         checkpoint["mtssl_train_steps"] = self._train_steps
         checkpoint["mtssl_skipped_files"] = self._skipped_files
-        # RNG states, so that a resumed run draws the same crops and task samples as an
-        # uninterrupted one (data order and task randomness come from torch's global RNG)
+        checkpoint["mtssl_nonfinite_skipped"] = self._nonfinite_skipped
+        # torch's RNG states (dropout, and data order in the main process), so that a resumed run
+        # continues as an uninterrupted one; task inputs are seeded by the DataModule (its state)
         checkpoint["mtssl_rng"] = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             checkpoint["mtssl_rng"]["cuda"] = torch.cuda.get_rng_state_all()
@@ -432,6 +391,7 @@ class MultiTaskSSL(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._train_steps = int(checkpoint.get("mtssl_train_steps", 0))
         self._skipped_files = int(checkpoint.get("mtssl_skipped_files", 0))
+        self._nonfinite_skipped = int(checkpoint.get("mtssl_nonfinite_skipped", 0))
         rng = checkpoint.get("mtssl_rng")
         if rng is not None:
             torch.set_rng_state(rng["torch"])

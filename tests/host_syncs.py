@@ -56,6 +56,7 @@ class HostSyncCounter(TorchDispatchMode):
         super().__init__()
         self.counts: Counter[str] = Counter()
         self.where: list[str] = []
+        self.ops = 0  # every op seen (a check that the mode was active at all)
         self.keep_stacks = keep_stacks
 
     def _record(self, reason: str) -> None:
@@ -67,6 +68,7 @@ class HostSyncCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        self.ops += 1
         if func in ALWAYS:
             self._record(ALWAYS[func])
         elif func in (aten.index.Tensor, aten.index_put.default, aten.index_put_.default) and _has_bool_index(args):

@@ -92,7 +92,7 @@ def _reference(tmp_path: Path, world: int, tasks_of: list[list[str]], task: str 
         model.zero_grad(set_to_none=False)
         for name in names:
             loss = model.tasks[name].loss(model.task_forward(name, batch[name]), batch[name])
-            (loss + model._penalty([name])).backward()
+            (loss + model.penalty([name])).backward()
         per_rank.append({n: torch.zeros_like(p) if p.grad is None else p.grad.clone() for n, p in model.named_parameters()})
     out = {}
     for n, _ in model.named_parameters():

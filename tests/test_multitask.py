@@ -62,7 +62,7 @@ def test_lasso_penalty_gradient_matches_its_formula() -> None:
     with torch.no_grad():
         for mixer in model.mixers.values():
             mixer.alpha.copy_(torch.tensor([0.3, -0.2, 0.0, 1.5, -0.01, 0.7]))
-    penalty = model._penalty(["a", "b"])
+    penalty = model.penalty(["a", "b"])
     assert penalty.item() == pytest.approx(0.05 * 2 * (0.3 + 0.2 + 0 + 1.5 + 0.01 + 0.7))
     penalty.backward()
     for mixer in model.mixers.values():  # d/dα λ|α| = λ sign(α), 0 at 0
@@ -219,9 +219,11 @@ def _poisoned(**kwargs) -> MultiTaskSSL:
     return MultiTaskSSL(tasks=tasks, trunk=ResNetV2("tiny", width=0.125), optimizer=lambda p: torch.optim.SGD(p, lr=0.1), **kwargs)
 
 
-@pytest.mark.parametrize("combine", ["sum", "alternate"])
+@pytest.mark.parametrize("combine", ["sum", "alternate", "concurrent"])
 def test_nonfinite_loss_skips_the_update_with_a_warning(tmp_path, combine) -> None:
-    model = _poisoned(combine=combine)
+    """Task b's loss is NaN at step 1: that update leaves no trace (decided on the device); the
+    check after the step (``check_every_n_steps=1``) warns and counts it."""
+    model = _poisoned(combine=combine, check_every_n_steps=1)
     seen: list[dict[str, torch.Tensor]] = []
 
     class Snap(pl.Callback):
@@ -230,28 +232,39 @@ def test_nonfinite_loss_skips_the_update_with_a_warning(tmp_path, combine) -> No
 
     dm = MultiTaskDataModule(steps_per_epoch=3, val_samples=4, num_workers=0)
     trainer = _trainer(tmp_path, max_epochs=1, limit_val_batches=0, callbacks=[Snap()])
-    with pytest.warns(UserWarning, match="non-finite .* loss at training step 1: update skipped"):
+    with pytest.warns(UserWarning, match=r"non-finite training loss in 1 update\(s\) up to step 2 \(first ever at step 1\): updates skipped"):
         trainer.fit(model, dm)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(torch.isfinite(b).all() for b in model.buffers() if b.is_floating_point())  # BatchNorm statistics too
     assert trainer.callback_metrics["train/nonfinite_skipped"] == 1
     b_head = [n for n in seen[0] if n.startswith("tasks.b.")]
     a_head = [n for n in seen[0] if n.startswith("tasks.a.")]
     # batch 1: b's update is skipped (in sum mode the whole step), so b's head did not move
     assert all(torch.equal(seen[0][n], seen[1][n]) for n in b_head)
     moved_a = any(not torch.equal(seen[0][n], seen[1][n]) for n in a_head)
-    assert moved_a == (combine == "alternate")  # alternate: a's own update still happened
+    assert moved_a == (combine != "sum")  # one optimizer per task: a's own update still happened
     assert any(not torch.equal(seen[1][n], seen[2][n]) for n in b_head)  # training goes on
 
 
-def test_nonfinite_loss_can_stop_with_the_last_good_weights(tmp_path) -> None:
-    model = _poisoned(nonfinite="stop")
+@pytest.mark.parametrize("combine", ["sum", "alternate", "concurrent"])
+def test_nonfinite_loss_can_stop_with_the_weights_from_before_the_step(tmp_path, combine) -> None:
+    """With ``nonfinite: stop`` a NaN in task b at step 1 undoes the whole step (also task a's update
+    of it, which came first in alternate mode) and every later one until the check, which saves the
+    weights, optimizer states and BatchNorm statistics from before step 1 and raises."""
+    model = _poisoned(nonfinite="stop", combine=combine, check_every_n_steps=2)
+    before: dict[str, torch.Tensor] = {}
+
+    class Snap(pl.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            if batch_idx == 0:  # the state after step 0 = the state before the bad step 1
+                before.update({k: v.detach().clone() for k, v in module.state_dict().items()})
+
     dm = MultiTaskDataModule(steps_per_epoch=3, val_samples=4, num_workers=0)
-    trainer = _trainer(tmp_path, max_epochs=1, limit_val_batches=0)
-    with pytest.raises(FloatingPointError, match="nonfinite-last-good.ckpt"):
+    trainer = _trainer(tmp_path, max_epochs=1, limit_val_batches=0, callbacks=[Snap()])
+    with pytest.raises(FloatingPointError, match=r"at step 1 \(found at the check of step 2\).*nonfinite-last-good.ckpt"):
         trainer.fit(model, dm)
     ckpt = torch.load(tmp_path / "nonfinite-last-good.ckpt", weights_only=True)
-    assert ckpt["global_step"] == 1  # one good step, then the bad one was not applied
     state = ckpt["state_dict"]
-    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
-    for name, p in model.named_parameters():
-        assert torch.equal(state[name], p.detach()), name  # exactly the weights before the bad step
+    assert set(state) == set(before)
+    for name, value in before.items():
+        assert torch.equal(state[name], value), name  # exactly the state before the bad step

@@ -35,6 +35,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
+from mtssl_lightning.device_scalars import DeviceScalars
+
 
 def alpha_heatmap(alpha: Tensor, tasks: list[str]) -> np.ndarray:
     """Render lasso weights ``(T, U)`` as an RGB ``uint8 (H, W, 3)`` heatmap (rows: tasks, columns: units)."""
@@ -78,6 +80,7 @@ class TrainingDashboard(Callback):
         self.media_every_n_steps, self.max_items = media_every_n_steps, max_items
         self._step_start: float | None = None
         self._last_end: float | None = None
+        self._scalars = DeviceScalars()  # host numbers logged without a host-to-device copy per step
 
     # -------------------------------------------------------------------- speed
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -96,7 +99,7 @@ class TrainingDashboard(Callback):
             metrics = {"perf/data_wait_share": wait / max(wait + compute, 1e-9)}
             if samples:
                 metrics["perf/samples_per_s"] = samples / max(wait + compute, 1e-9)
-            pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+            pl_module.log_dict(self._scalars(metrics, pl_module.device), on_step=True, on_epoch=False, batch_size=1)
         self._log_learning_rates(trainer, pl_module)
         step = trainer.global_step
         if self.media_every_n_steps and step % self.media_every_n_steps == 0 and trainer.is_global_zero:
@@ -117,7 +120,7 @@ class TrainingDashboard(Callback):
         else:
             names = [f"opt{i}" for i in range(len(optimizers))]
         rates = {f"lr/{name}": float(opt.param_groups[0]["lr"]) for name, opt in zip(names, optimizers)}
-        pl_module.log_dict(rates, on_step=True, on_epoch=False, batch_size=1)
+        pl_module.log_dict(self._scalars(rates, pl_module.device), on_step=True, on_epoch=False, batch_size=1)
 
     # -------------------------------------------------------------------- media
     @torch.no_grad()

@@ -6,23 +6,27 @@ from __future__ import annotations
 import logging
 import math
 import os
-import signal
-from collections.abc import Iterator
-from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.utilities.seed import pl_worker_init_function
 from lightning.pytorch.utilities import CombinedLoader
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from mtssl_lightning.data.batch import ClipBatch, DataRequest, ImageBatch, TaskBatch
+from mtssl_lightning.data.clips import ClipDataset
 from mtssl_lightning.data.datasets import CropDataset
+from mtssl_lightning.data.loading import (
+    IdleLoader,
+    Positions,
+    ReleasingCombinedLoader,
+    init_worker,
+    open_video_source,
+    split_workers,
+    task_seed,
+)
 from mtssl_lightning.data.sampler import TaskSampler, TaskSamplerProvider
 from mtssl_lightning.data.sources import ImageCheck, ImageFolder, ImageSource, SampleImages
-from mtssl_lightning.data.clips import ClipDataset
-from mtssl_lightning.data.frames import FrameFolder
-from mtssl_lightning.data.video import VIDEO_EXTENSIONS, SampleVideos, VideoFolder, VideoSource
+from mtssl_lightning.data.video import SampleVideos, VideoSource
 from mtssl_lightning.interfaces import tasks_of_rank
 
 log = logging.getLogger(__name__)
@@ -31,74 +35,8 @@ log = logging.getLogger(__name__)
 RawBatch = ImageBatch | ClipBatch
 TaskBatches = dict[str, TaskBatch | None]
 
-
 #: default clips per validation video (and per training video for the default epoch length)
 CLIPS_PER_VIDEO = 8
-
-
-class Positions(Dataset):
-    """A crop or clip dataset whose batches record where they start in it (``batch.position``).
-
-    Validation task inputs are seeded by that position (see
-    :meth:`MultiTaskDataModule.on_after_batch_transfer`), so they are the same every epoch
-    without any counter to reset.
-    """
-
-    def __init__(self, dataset: CropDataset | ClipDataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> tuple[object, int]:
-        return self.dataset[index], index
-
-    def collate(self, samples: list[tuple[object, int]]) -> RawBatch:
-        """The dataset's own collate (which counts skipped files), plus the first sample's position."""
-        batch = self.dataset.collate([sample for sample, _ in samples])
-        batch.position = samples[0][1]
-        return batch
-
-
-class IdleLoader:
-    """Stands in for the loader of a task this rank does not train: ``length`` batches of ``None``."""
-
-    def __init__(self, length: int) -> None:
-        self.length = length
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __iter__(self) -> Iterator[None]:
-        return iter([None] * self.length)
-
-
-def init_worker(worker_id: int) -> None:
-    """DataLoader worker start-up: ignore SIGTERM, and seed like Lightning when it is asked to.
-
-    A pre-emption (SLURM, Kubernetes) sends SIGTERM to every process of the job. Workers that
-    died of it would make the main process fail while it saves its pre-emption checkpoint; so
-    they ignore it, and the main process shuts them down after saving. Setting a
-    ``worker_init_fn`` stops Lightning from adding its own, so its seeding
-    (``seed_everything(workers=True)``, which LightningCLI uses) is done here.
-    """
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    if int(os.environ.get("PL_SEED_WORKERS", "0")):
-        pl_worker_init_function(worker_id)
-
-
-def open_video_source(root: str, frame_range: tuple[float, float] = (0.0, 1.0)) -> VideoSource:
-    """A :class:`VideoFolder` if ``root`` holds video files (recursively), else a :class:`FrameFolder`."""
-    path = Path(root).expanduser()
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"video folder {root!r} does not exist or is not a folder; set `data.video_root` to a folder of "
-            "video files or of frame folders"
-        )
-    for _, _, files in os.walk(path, followlinks=True):
-        if any(f.lower().endswith(VIDEO_EXTENSIONS) for f in files):
-            return VideoFolder(path, frame_range=frame_range)
-    return FrameFolder(path, frame_range=frame_range)
 
 
 class MultiTaskDataModule(pl.LightningDataModule):
@@ -145,12 +83,20 @@ class MultiTaskDataModule(pl.LightningDataModule):
             the same every epoch); ``None`` = one per validation image, and 8 clips per
             validation video.
         min_scale: smallest random-crop area as a fraction of the image.
-        num_workers: DataLoader worker processes per task loader.
+        num_workers: DataLoader worker processes of this rank, in all: the training loaders
+            share them in proportion to their work per batch (images, or clips × frames; see
+            :func:`split_workers`) and keep them between epochs; the validation loaders get the same
+            shares but start their workers only for validation (none sit idle during training).
         pin_memory: pin host memory; ``None`` = only when CUDA is available.
-        seed: seed of the fixed validation crops.
+        seed: seed of the fixed validation crops; also the run seed of the task-side randomness
+            (below) when ``seed_everything`` was not called.
         val_seed: seed of the task-side randomness of validation batches (patch positions,
             views …): each validation batch is built under a seed made of it, the global rank
             and the batch's position in the validation set, so its inputs are the same every epoch.
+            Training batches are built under a seed made of the run seed (``seed_everything``'s,
+            else ``seed``), the global rank and the number of training batches built so far (saved
+            in checkpoints): every rank draws its own patches, views … and a run is reproducible
+            for a given seed and world size, also across a resume.
         samplers: ``{task: sampler}`` in task order; ``None`` = ask the attached model at :meth:`setup`.
     """
 
@@ -188,6 +134,8 @@ class MultiTaskDataModule(pl.LightningDataModule):
         self.min_scale, self.num_workers, self.pin_memory, self.seed = min_scale, num_workers, pin_memory, seed
         self.val_seed = val_seed
         self._samplers = dict(samplers) if samplers is not None else None
+        self._train_batches = 0  # training batches built (seeds the next one's task randomness)
+        self._generators: dict[torch.device, torch.Generator] = {}
         self.train_images: ImageSource | None = None
         self.val_images: ImageSource | None = None
         self.train_videos: VideoSource | None = None
@@ -294,15 +242,23 @@ class MultiTaskDataModule(pl.LightningDataModule):
             )
         return CropDataset(source, request.image_size, length, train, self.min_scale, self.seed)
 
-    def _loader(self, dataset: CropDataset | ClipDataset, batch_size: int, train: bool) -> DataLoader:
+    def worker_shares(self, names: list[str]) -> dict[str, int]:
+        """How this rank's ``num_workers`` are shared among the loaders of ``names``: in proportion to
+        the work of one batch (images, or clips × frames per clip)."""
+        requests = self.requests
+        work = [float(requests[n].batch_size * (requests[n].clip_length if requests[n].source == "videos" else 1)) for n in names]
+        return dict(zip(names, split_workers(self.num_workers, work)))
+
+    def _loader(self, dataset: CropDataset | ClipDataset, batch_size: int, train: bool, workers: int) -> DataLoader:
         dataset = Positions(dataset)
         return DataLoader(
             dataset,
             batch_size=batch_size,
             shuffle=train,
             drop_last=train,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            num_workers=workers,
+            # training workers stay for the next epoch; validation's exist only while it runs
+            persistent_workers=train and workers > 0,
             pin_memory=torch.cuda.is_available() if self.pin_memory is None else self.pin_memory,
             collate_fn=dataset.collate,  # counts the files the worker had to skip
             worker_init_fn=init_worker,
@@ -320,10 +276,12 @@ class MultiTaskDataModule(pl.LightningDataModule):
         items = self._samples_in(first)
         steps = self.steps_per_epoch or max(1, items // max(r.batch_size for r in requests.values()))
         world = self.trainer.world_size if self.trainer is not None else 1
+        shares = self.worker_shares([n for n in requests if n in active])
         loaders: dict[str, object] = {}
         for name, r in requests.items():
             if name in active:
-                loaders[name] = self._loader(self._dataset(r, steps * r.batch_size, train=True), r.batch_size, train=True)
+                dataset = self._dataset(r, steps * r.batch_size, train=True)
+                loaders[name] = self._loader(dataset, r.batch_size, train=True, workers=shares[name])
             else:
                 # what a DistributedSampler (padded to ceil(N / world)) + drop_last gives the others
                 loaders[name] = IdleLoader(math.ceil(steps * r.batch_size / world) // r.batch_size)
@@ -331,12 +289,13 @@ class MultiTaskDataModule(pl.LightningDataModule):
         return CombinedLoader(loaders, mode="max_size_cycle")
 
     def val_dataloader(self) -> CombinedLoader:
+        shares = self.worker_shares(list(self.requests))
         loaders = {
-            name: self._loader(self._dataset(r, self.val_samples, train=False), r.batch_size, train=False)
+            name: self._loader(self._dataset(r, self.val_samples, train=False), r.batch_size, train=False, workers=shares[name])
             for name, r in self.requests.items()
         }
         # tasks with larger batches run out first: "max_size" gives them None afterwards
-        return CombinedLoader(loaders, mode="max_size")
+        return ReleasingCombinedLoader(loaders, mode="max_size")
 
     def test_dataloader(self) -> CombinedLoader:
         """The validation crops (the sample data and image folders have no separate test split)."""
@@ -349,31 +308,52 @@ class MultiTaskDataModule(pl.LightningDataModule):
         return CombinedLoader(loaders, mode="sequential")
 
     # --------------------------------------------------------- task batches, on the device
+    def run_seed(self) -> int:
+        """The seed of training batches' task randomness: ``seed_everything``'s (``PL_GLOBAL_SEED``), else ``seed``."""
+        return int(os.environ.get("PL_GLOBAL_SEED", self.seed))
+
+    def _generator(self, device: torch.device, seed: int) -> torch.Generator:
+        """This DataModule's generator on ``device``, reseeded (a host-side call: nothing waits)."""
+        generator = self._generators.get(device)
+        if generator is None:
+            generator = self._generators[device] = torch.Generator(device=device)
+        return generator.manual_seed(seed)
+
     def build(self, batch: dict[str, RawBatch | None], training: bool, rank: int = 0) -> TaskBatches:
         """Each task's inputs and targets from the loaders' ``{task: raw batch}``, on the batch's device.
 
-        Training batches draw their randomness from torch's global RNG; evaluation batches
-        (``training=False``) under a fixed seed: ``val_seed``, ``rank`` and the batch's position
-        in the validation set, so every epoch sees the same inputs. Tasks whose loader is
-        exhausted (``None``) stay ``None``.
+        All task randomness comes from one generator on that device, seeded per batch (see
+        ``val_seed``): training batches from the run seed, ``rank`` and the number of training
+        batches built so far; evaluation batches (``training=False``) from ``val_seed``, ``rank``
+        and the batch's position in the validation set. Tasks whose loader is exhausted (``None``)
+        stay ``None``. Never runs under autocast (the inputs are built in float32).
         """
-        samplers = self.samplers
-        if training:
-            return self._build(samplers, batch)
         present = [(name, raw) for name, raw in batch.items() if raw is not None]
-        name, first = present[0] if present else (None, None)
-        number = max(first.position, 0) // samplers[name].batch_size if first is not None else 0
-        seed = self.val_seed + 1_000_003 * rank + number
-        device = first.images.device if isinstance(first, ImageBatch) else first.clips.device if first is not None else None
-        devices = [device] if device is not None and device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            return self._build(samplers, batch)
-
-    @staticmethod
-    def _build(samplers: dict[str, TaskSampler], batch: dict[str, RawBatch | None]) -> TaskBatches:
+        if not present:
+            return dict.fromkeys(batch)
+        name, first = present[0]
+        device = first.images.device if isinstance(first, ImageBatch) else first.clips.device
+        if torch.is_autocast_enabled(device.type):
+            raise RuntimeError("task inputs must not be built under autocast (float32 targets and inputs)")
+        if training:
+            seed = task_seed(self.run_seed(), rank, self._train_batches)
+            self._train_batches += 1
+        else:
+            seed = task_seed(self.val_seed, rank, max(first.position, 0) // self.samplers[name].batch_size)
+        generator = self._generator(device, seed)
         # in task order (the samplers'), so that the random streams do not depend on the loaders' order
-        return {name: None if batch.get(name) is None else sampler.prepare(batch[name]) for name, sampler in samplers.items() if name in batch}
+        return {
+            task: None if batch.get(task) is None else sampler.prepare(batch[task], generator)
+            for task, sampler in self.samplers.items()
+            if task in batch
+        }
+
+    def state_dict(self) -> dict[str, int]:
+        """Saved in checkpoints: the number of training batches built (resumed runs draw the same task inputs)."""
+        return {"train_batches": self._train_batches}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._train_batches = int(state_dict.get("train_batches", 0))
 
     def on_after_batch_transfer(self, batch: object, dataloader_idx: int) -> object:
         """Turn the transferred raw batch into ready task batches (see :meth:`build`).

@@ -252,8 +252,10 @@ def annealed_mean(logits: Tensor, centres: Tensor, temperature: float = 0.38) ->
     (the log-normaliser cancels). The ab value is the ``f_T``-weighted mean of the centres.
     T = 1 is the plain mean, T → 0 the mode.
     """
-    probs = torch.softmax(logits.float() / temperature, dim=1)
-    return torch.einsum("bqhw,qc->bchw", probs, centres.to(device=logits.device, dtype=torch.float32))
+    # float32 whatever the autocast state: an autocast region would run the einsum in bf16
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        probs = torch.softmax(logits.float() / temperature, dim=1)
+        return torch.einsum("bqhw,qc->bchw", probs, centres.to(device=logits.device, dtype=torch.float32))
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,8 +332,10 @@ class AbErrorAuC(Metric):
         err = torch.linalg.vector_norm(pred_ab.float() - true_ab.float(), dim=1).reshape(-1)
         # e ≤ t for integer t  <=>  t ≥ ceil(e): histogram of ceil(e), then a cumulative sum
         first = torch.ceil(err).clamp(0, self.max_threshold + 1).to(torch.int64)
-        counts = torch.bincount(first, minlength=self.max_threshold + 2)[: self.max_threshold + 1]
-        self.hits += torch.cumsum(counts, 0).to(torch.float64)
+        # a fixed-size scatter, not bincount: CUDA's bincount reads the input's maximum on the host
+        counts = torch.zeros(self.max_threshold + 2, dtype=torch.float64, device=err.device)
+        counts.scatter_add_(0, first, torch.ones_like(first, dtype=torch.float64))
+        self.hits += torch.cumsum(counts[: self.max_threshold + 1], 0)
         self.total += float(err.numel())
 
     def compute(self) -> Tensor:
@@ -499,18 +503,22 @@ class Colorization(Task):
     # ---- prior -----------------------------------------------------------------------------
 
     def empirical_prior(self) -> Tensor:
-        """``(Q,)`` empirical bin distribution of the soft targets counted so far (uniform if none)."""
+        """``(Q,)`` empirical bin distribution of the soft targets counted so far (uniform if none).
+
+        Decided on the device (``torch.where``), so a training step never reads the counts back.
+        """
         total = self.prior_counts.sum()
-        if total <= 0:
-            return torch.full_like(self.prior_counts, 1.0 / self.num_bins)
-        return self.prior_counts / total
+        uniform = torch.full_like(self.prior_counts, 1.0 / self.num_bins)
+        return torch.where(total > 0, self.prior_counts / total.clamp_min(1e-300), uniform)
 
     def class_weights(self) -> Tensor:
-        """``(Q,)`` float32 rebalancing weights (ones while the prior is still warming up)."""
-        if not self.rebalance or float(self.prior_counts.sum()) < self.prior_warmup_pixels:
-            return torch.ones(self.num_bins, device=self.prior_counts.device, dtype=torch.float32)
+        """``(Q,)`` float32 rebalancing weights (ones while the prior is still warming up, decided on the device)."""
+        ones = torch.ones(self.num_bins, device=self.prior_counts.device, dtype=torch.float32)
+        if not self.rebalance:
+            return ones
         smoothed = smooth_prior(self.empirical_prior(), self.centres, self.prior_sigma)
-        return rebalance_weights(smoothed, self.rebalance_lambda).to(torch.float32)
+        weights = rebalance_weights(smoothed, self.rebalance_lambda).to(torch.float32)
+        return torch.where(self.prior_counts.sum() >= self.prior_warmup_pixels, weights, ones)
 
     @torch.no_grad()
     def observe(self, batch: TaskBatch) -> None:

@@ -89,6 +89,7 @@ from torchmetrics import MetricCollection
 from mtssl_lightning.data.batch import TaskBatch
 from mtssl_lightning.tasks import pictures as draw
 from mtssl_lightning.tasks.base import InputMode, Task, TaskSampler
+from mtssl_lightning.tasks.heads import GlobalAvgPool
 from mtssl_lightning.tasks.metrics import HitRate
 
 Mining = Literal["semi_hard", "batch_hard"]
@@ -300,7 +301,7 @@ class ExemplarHead(nn.Module):
 
     def __init__(self, channels: int, hidden: int = 512, embedding_dim: int = 128) -> None:
         super().__init__()
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+        self.pool = GlobalAvgPool()  # a mean: deterministic backward on CUDA (AdaptiveAvgPool2d's is not)
         self.project = nn.Sequential(
             nn.Linear(channels, hidden, bias=False),
             nn.BatchNorm1d(hidden),

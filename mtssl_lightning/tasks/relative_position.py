@@ -46,22 +46,23 @@ for comparison.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import kornia.color
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy
 from torchvision.ops import roi_align
 
 from mtssl_lightning.data.batch import TaskBatch
 from mtssl_lightning.data.color import lab_gray
 from mtssl_lightning.tasks import pictures as draw
 from mtssl_lightning.tasks.base import InputMode, Task, TaskSampler
+from mtssl_lightning.tasks.heads import GlobalAvgPool
+from mtssl_lightning.tasks.metrics import HitRate
 
 PairsMode = Literal["one", "all"]
 ColourMode = Literal["drop", "gray", "lab_gray", "none"]
@@ -235,7 +236,7 @@ def crop_patches(
     raise ValueError(f"method must be 'unfold' or 'roi_align', got {method!r}")
 
 
-def downsample_upsample(patches: Tensor, sides: Tensor) -> Tensor:
+def downsample_upsample(patches: Tensor, sides: Tensor, max_side: int | None = None) -> Tensor:
     """Down-sample each patch to its own side, then up-sample back: ``(M, C, p, p)`` -> same.
 
     Batched over patches of different target sizes. Down-sampling is an area-style average
@@ -246,12 +247,15 @@ def downsample_upsample(patches: Tensor, sides: Tensor) -> Tensor:
     Args:
         patches: ``(M, C, p, p)`` float patches.
         sides: ``(M,)`` int64 down-sampled side of each patch, in ``[1, p]``.
+        max_side: an upper bound of ``sides`` (the sampler's largest side): the intermediate
+            canvas is that big, so nothing is read back from the device; ``None`` = ``sides.max()``
+            (one host sync).
     """
     count, _, size, _ = patches.shape
     if count == 0:
         return patches
     sides = sides.to(device=patches.device, dtype=torch.int64).clamp(1, size)
-    canvas = int(sides.max().item())
+    canvas = min(max_side, size) if max_side is not None else int(sides.max().item())
     dtype = patches.dtype
     # 1) down: a box of side p * canvas / s maps the first s output bins onto the patch; the
     #    remaining canvas bins fall outside and are never read below
@@ -278,8 +282,9 @@ def colour_transform(patches: Tensor, mode: ColourMode, generator: torch.Generat
     """
     if mode == "none":
         return patches
-    if mode == "gray":
-        return kornia.color.rgb_to_grayscale(patches).expand(-1, 3, -1, -1).contiguous()
+    if mode == "gray":  # BT.601 luma (Kornia's rgb_to_grayscale weights), with scalar weights: no constant tensor
+        grey = 0.299 * patches[:, 0:1] + 0.587 * patches[:, 1:2] + 0.114 * patches[:, 2:3]
+        return grey.expand(-1, 3, -1, -1).contiguous()
     if mode == "lab_gray":
         return lab_gray(patches)
     if mode != "drop":
@@ -289,12 +294,18 @@ def colour_transform(patches: Tensor, mode: ColourMode, generator: torch.Generat
     keep = torch.randint(0, 3, (count,), device=patches.device, generator=generator)
     kept = patches[rows, keep]  # (N, p, p)
     std = kept.flatten(1).std(dim=1, unbiased=False)[:, None, None, None] / 100.0
-    fill = torch.tensor(DROP_FILL_RGB, device=patches.device, dtype=patches.dtype)[None, :, None, None]
+    fill = _drop_fill(patches.device, patches.dtype)
     # in place on the noise tensor: one full-size allocation instead of three (noise, fill + noise, where)
     out = torch.randn(patches.shape, device=patches.device, dtype=patches.dtype, generator=generator)
     out.mul_(std).add_(fill)
     out[rows, keep] = kept
     return out
+
+
+@functools.lru_cache(maxsize=16)
+def _drop_fill(device: torch.device, dtype: torch.dtype) -> Tensor:
+    """The dropped channels' fill colour ``(1, 3, 1, 1)``, made once per device (not copied from the host every batch)."""
+    return torch.tensor(DROP_FILL_RGB, device=device, dtype=dtype)[None, :, None, None]
 
 
 def pair_table(grid: int, device: torch.device | str | None = None) -> Tensor:
@@ -315,9 +326,25 @@ def pair_table(grid: int, device: torch.device | str | None = None) -> Tensor:
     return torch.stack([anchor, neighbour, labels], dim=-1).reshape(-1, 3)
 
 
+@functools.lru_cache(maxsize=16)
+def _cached_pair_table(grid: int, device: torch.device) -> Tensor:
+    """:func:`pair_table` made once per device (a host-to-device copy per batch otherwise)."""
+    return pair_table(grid, device)
+
+
 # --------------------------------------------------------------------------------------------
 # head
 # --------------------------------------------------------------------------------------------
+
+
+class PairAccuracy(HitRate):
+    """Share of pairs whose most likely relative position is the true one.
+
+    ``update(logits (P, 8), labels (P,))``; micro-averaged over pairs, updates and processes.
+    """
+
+    def update(self, logits: Tensor, labels: Tensor) -> None:
+        self.count(logits.argmax(1) == labels)
 
 
 class RelativePositionHead(nn.Module):
@@ -340,7 +367,7 @@ class RelativePositionHead(nn.Module):
     ) -> None:
         super().__init__()
         if pool == "avg":
-            reduce: nn.Module = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+            reduce: nn.Module = GlobalAvgPool()
             in_features = channels
         elif pool == "flatten":
             if feature_size is None:
@@ -467,39 +494,45 @@ class RelativePositionSampler(TaskSampler):
         device, cells = images.device, self.grid * self.grid
         boxes = sample_grid_boxes(batch, height, width, self.patch_size, self.gap, self.jitter, self.grid, device, generator)
 
-        # pairs as (image, anchor cell, neighbour cell, label)
-        table = pair_table(self.grid, device)  # (A*8, 3)
+        # pairs as (image, anchor cell, neighbour cell, label); the patches each image needs are known
+        # from the mode alone (no data-dependent sizes, so nothing is read back from the device)
+        table = _cached_pair_table(self.grid, device)  # (A*8, 3)
+        images_of = torch.arange(batch, device=device)
         if self.pairs == "all":
-            image_of_pair = torch.arange(batch, device=device).repeat_interleave(table.shape[0])
-            chosen = table.repeat(batch, 1)
+            # the anchors' neighbours cover the whole grid: every cell of every image is used once
+            image_of_pair = images_of.repeat_interleave(table.shape[0])
+            anchor, neighbour, labels = table.repeat(batch, 1).unbind(dim=1)
+            patch_image = images_of.repeat_interleave(cells)
+            patch_cell = torch.arange(cells, device=device).repeat(batch)
+            first, second = image_of_pair * cells + anchor, image_of_pair * cells + neighbour
         else:
-            image_of_pair = torch.arange(batch, device=device)
+            # two patches per image, the lower cell first ((image, cell) raster order)
+            image_of_pair = images_of
             chosen = table[torch.randint(0, table.shape[0], (batch,), device=device, generator=generator)]
-        anchor, neighbour, labels = chosen.unbind(dim=1)
+            anchor, neighbour, labels = chosen.unbind(dim=1)
+            patch_image = images_of.repeat_interleave(2)
+            patch_cell = torch.stack([torch.minimum(anchor, neighbour), torch.maximum(anchor, neighbour)], dim=1).reshape(-1)
+            first, second = 2 * images_of + (anchor > neighbour).long(), 2 * images_of + (anchor < neighbour).long()
 
-        # crop each distinct patch used by a pair once, in (image, cell) order
-        used = torch.zeros(batch * cells, dtype=torch.bool, device=device)
-        used[image_of_pair * cells + anchor] = True
-        used[image_of_pair * cells + neighbour] = True
-        flat = used.nonzero().squeeze(1)
-        position = used.long().cumsum(0) - 1  # flat (image, cell) -> row in `inputs`
-        patch_image, patch_cell = flat // cells, flat % cells
         top_left = boxes[patch_image, patch_cell]  # (N, 4)
         patches = crop_patches(images, patch_image, top_left[:, 0], top_left[:, 1], self.patch_size)
 
-        downsampled = torch.rand(flat.shape[0], device=device, generator=generator) < self.downsample_fraction
-        if bool(downsampled.any()):
+        # every patch is resampled at its own side and the chosen ones are kept (a blend, not a
+        # data-dependent selection: the same kernels whatever is drawn)
+        count = patch_image.shape[0]
+        downsampled = torch.rand(count, device=device, generator=generator) < self.downsample_fraction
+        if self.downsample_fraction > 0:
             low = max(1, round(self.downsample_scale[0] * self.patch_size))
             high = max(low, round(self.downsample_scale[1] * self.patch_size))
-            selected = downsampled.nonzero().squeeze(1)
-            sides = torch.randint(low, high + 1, (selected.shape[0],), device=device, generator=generator)
-            patches = patches.index_copy(0, selected, downsample_upsample(patches[selected], sides))
+            sides = torch.randint(low, high + 1, (count,), device=device, generator=generator)
+            resampled = downsample_upsample(patches, sides, max_side=high)
+            patches = torch.where(downsampled[:, None, None, None], resampled, patches)
 
         inputs = colour_transform(patches.clamp(0.0, 1.0), self.colour, generator).contiguous()
         return RelativePositionBatch(
             inputs=inputs,
-            first=position[image_of_pair * cells + anchor],
-            second=position[image_of_pair * cells + neighbour],
+            first=first,
+            second=second,
             labels=labels,
             boxes=boxes,
             pair_image=image_of_pair,
@@ -563,13 +596,17 @@ class RelativePosition(Task):
     # ---- loss and metrics --------------------------------------------------------------
 
     def loss(self, prediction: Tensor, batch: TaskBatch) -> Tensor:
-        """Cross-entropy of ``(P, 8)`` logits against ``batch.labels``."""
+        """Cross-entropy of ``(P, 8)`` logits against ``batch.labels`` (log-softmax + gather: CUDA's
+        ``nll_loss`` has no deterministic kernel, so ``F.cross_entropy`` would fail with
+        ``trainer.deterministic: true``)."""
         assert isinstance(batch, RelativePositionBatch)
-        return F.cross_entropy(prediction.float(), batch.labels)
+        log_probs = torch.log_softmax(prediction.float(), dim=1)
+        return -log_probs.gather(1, batch.labels[:, None]).mean()
 
     def make_metrics(self) -> MetricCollection:
-        """8-way pair accuracy (micro average)."""
-        return MetricCollection({"accuracy": MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro")})
+        """8-way pair accuracy (:class:`PairAccuracy`; torchmetrics' ``MulticlassAccuracy`` checks its
+        arguments and counts with ``bincount``, both host syncs on a GPU, in every update)."""
+        return MetricCollection({"accuracy": PairAccuracy()})
 
     def metric_inputs(self, prediction: Tensor, batch: TaskBatch) -> tuple[Tensor, Tensor]:
         """``(logits (P, 8), labels (P,))``."""

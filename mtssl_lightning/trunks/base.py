@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-
-log = logging.getLogger(__name__)
-
 
 @dataclass
 class TrunkOutput:
@@ -54,18 +50,19 @@ class Trunk(nn.Module):
         raise NotImplementedError
 
 
-def apply_speed_options(trunk: nn.Module, device: torch.device, channels_last: bool, compile: bool) -> None:
-    """On CUDA: channels-last memory format and/or ``torch.compile`` of ``trunk``, in place
-    (``nn.Module.compile`` keeps parameter names, so checkpoints do not change). On any other
-    device nothing happens: compilation costs more than it saves on a CPU."""
-    if device.type != "cuda":
-        if channels_last or compile:
-            log.info("channels_last / compile are CUDA options; running the trunk as is on %s", device)
-        return
+def apply_speed_options(trunk: nn.Module, channels_last: bool, compile: bool, compile_options: dict[str, Any] | None = None) -> None:
+    """Channels-last memory format and/or ``torch.compile`` of ``trunk``, in place, on whatever
+    device it will run (``nn.Module.compile`` keeps parameter names, so checkpoints do not change).
+
+    Call it before a strategy wraps the model and before the optimizers are made (a LightningModule's
+    ``configure_model``): DDP's gradient buckets and resumed optimizer states then have the final layout.
+    Both also work on a CPU (the tests use that); a short CPU run spends more compiling than it saves.
+    ``compile_options`` are ``torch.compile``'s keyword arguments (``mode``, ``backend``, ``dynamic`` …).
+    """
     if channels_last:
         trunk.to(memory_format=torch.channels_last)
     if compile:
-        trunk.compile()
+        trunk.compile(**(compile_options or {}))
 
 
 class PixelNormalize(nn.Module):

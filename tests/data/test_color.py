@@ -65,3 +65,15 @@ def test_lab_gray_is_skimage_lightness_replicated(photos: list[np.ndarray]) -> N
     for c in range(3):
         np.testing.assert_allclose(gray[c].numpy(), ref, atol=LAB_TOL / 100.0)
     assert 0.0 <= gray.min() and gray.max() <= 1.0 + 1e-6
+
+
+def test_our_lab_equals_kornias_and_stays_float32_under_bf16_autocast() -> None:
+    """``rgb_to_lab`` is Kornia's formula with cached constants: the same values (bitwise on the CPU,
+    where both use einsum), also inside a bf16 autocast region (Lab feeds colorization's targets)."""
+    import kornia.color
+
+    rgb = _random_colours()
+    assert torch.equal(rgb_to_lab(rgb), kornia.color.rgb_to_lab(rgb))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = rgb_to_lab(rgb)
+    assert under.dtype == torch.float32 and torch.equal(under, kornia.color.rgb_to_lab(rgb))

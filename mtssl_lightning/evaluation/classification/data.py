@@ -18,7 +18,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2 as T
 
-from mtssl_lightning.data.datamodule import init_worker
+from mtssl_lightning.data.batch import pin_batch
+from mtssl_lightning.data.loading import init_worker
 from mtssl_lightning.evaluation.classification.datasets import (
     DIGITS_SPLIT_SEED,
     DIGITS_VAL_FRACTION,
@@ -65,7 +66,7 @@ class LabelledBatch:
 
     def pin_memory(self) -> LabelledBatch:
         """Called by ``DataLoader(pin_memory=True)`` (a dataclass is not pinned otherwise)."""
-        return LabelledBatch(self.images.pin_memory(), self.labels.pin_memory())
+        return pin_batch(self)
 
 
 class ClassificationDataModule(pl.LightningDataModule):

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from mtssl_lightning.data.datamodule import init_worker
+from mtssl_lightning.data.batch import pin_batch
+from mtssl_lightning.data.loading import init_worker
 from mtssl_lightning.evaluation.depth.sources import DepthSource, open_depth_sources
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,10 @@ class DepthBatch:
 
     def __len__(self) -> int:
         return self.images.shape[0]
+
+    def pin_memory(self) -> DepthBatch:
+        """The batch in pinned host memory (``DataLoader(pin_memory=True)`` calls it)."""
+        return pin_batch(self)
 
 
 def eigen_mask(height: int, width: int) -> Tensor:

@@ -144,8 +144,8 @@ class DepthEstimator(SavesTrunkSpec, pl.LightningModule):
         optimizer: builds the optimizer from the trainable parameters (default: SGD, lr 0.01,
             momentum 0.9, an assumption after Laina et al.; the paper gives no settings).
         lr_scheduler: optional; stepped every training step.
-        channels_last: on CUDA, the trunk runs in channels-last memory format.
-        compile: on CUDA, ``torch.compile`` the trunk in place.
+        channels_last: the trunk runs in channels-last memory format (applied in ``configure_model``).
+        compile: ``torch.compile`` the trunk in place (applied in ``configure_model``).
 
     ``forward((B, 3, H, W) RGB in [0, 1]) -> (B, 1, H, W)`` depth in metres (> 0). Logs
     ``train/loss``, ``{val,test}/loss`` and ``{val,test}/{delta1,delta2,delta3,abs_rel,rmse,log10}``.
@@ -197,7 +197,7 @@ class DepthEstimator(SavesTrunkSpec, pl.LightningModule):
         return self.backbone.trunk
 
     def forward(self, images: Tensor) -> Tensor:
-        if self.channels_last and images.is_cuda:
+        if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         x = self.decoder(self.backbone(images))
         x = F.interpolate(x.float(), size=images.shape[-2:], mode="bilinear", align_corners=False)
@@ -216,8 +216,11 @@ class DepthEstimator(SavesTrunkSpec, pl.LightningModule):
             pred = F.interpolate(pred, size=batch.depth.shape[-2:], mode="bilinear", align_corners=False)
         return pred
 
-    def on_fit_start(self) -> None:
-        apply_speed_options(self.trunk, self.device, self.channels_last, self.compile_trunk)
+    def configure_model(self) -> None:
+        """channels-last / compile before a strategy wraps the model and the optimizers are made."""
+        if not getattr(self, "_speed_options_applied", False):
+            apply_speed_options(self.trunk, self.channels_last, self.compile_trunk)
+            self._speed_options_applied = True
 
     def training_step(self, batch: DepthBatch, batch_idx: int) -> Tensor:
         loss = self.criterion(self.predict_depth(batch), batch.depth, batch.valid)

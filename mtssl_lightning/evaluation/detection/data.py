@@ -19,7 +19,8 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from mtssl_lightning.data.datamodule import init_worker
+from mtssl_lightning.data.batch import pin_batch
+from mtssl_lightning.data.loading import init_worker
 from mtssl_lightning.evaluation.detection.voc import parse_voc_annotation, resolve_voc_root
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,10 @@ class VOCBatch:
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def pin_memory(self) -> VOCBatch:
+        """The batch in pinned host memory (``DataLoader(pin_memory=True)`` calls it)."""
+        return pin_batch(self)
 
     @staticmethod
     def collate(samples: list[VOCSample | None]) -> VOCBatch:

@@ -18,20 +18,17 @@ import torch.nn.functional as F
 from data.test_motion import synthetic_clip
 from host_syncs import HostSyncCounter
 
-from mtssl_lightning.data.motion import (
-    MotionMaskConfig,
+from mtssl_lightning.data.binary_masks import (
     _block_graph,
-    _clean_up,
     _close,
     _drop_small_components,
     _open,
-    _residual_motion,
     _square,
     _union_find,
     _union_find_schedule,
     connected_components,
-    motion_masks,
 )
+from mtssl_lightning.data.motion import MotionMaskConfig, _clean_up, _residual_motion, motion_masks
 from mtssl_lightning.data.video import SampleVideos
 
 # ---------------------------------------------------------------------------------------------

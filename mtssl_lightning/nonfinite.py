@@ -1,0 +1,166 @@
+"""Optimizer updates from non-finite losses skipped on the device, without the host waiting for it.
+
+A NaN or infinite loss must not reach the weights, and finding out must not stall a GPU every
+step (``bool(torch.isfinite(loss))`` does). So each update is a small transaction:
+:meth:`UpdateGuard.begin` keeps a copy of everything the update can change — the parameters, the
+optimizers' moment estimates, the modules' buffers (BatchNorm statistics change in the forward
+pass) — and :meth:`UpdateGuard.settle` makes every one of them ``torch.where(ok, new, old)``,
+``ok`` being a 0-d bool on the device (the loss was finite, on every rank). Nothing is read back.
+Skipped updates are counted on the device; :meth:`UpdateGuard.read` takes that count to the host
+every ``check_every_n_steps`` steps (one sync) so that the module can warn, log and, in ``stop``
+mode, save and stop.
+
+Modes:
+
+* ``skip`` — a non-finite update leaves parameters, moment estimates and buffers as they were;
+* ``stop`` — the same, and from the first non-finite update on no update is applied at all, so at
+  the next check the weights are exactly those from before it (the module saves them and stops);
+* ``ignore`` — no guard (no copies; a NaN goes into the weights), still counted and warned about.
+
+What is not rolled back: the optimizers' ``step`` counters (CPU tensors for torch's default
+implementations; rolling them back would need the flag on the host). RMSprop and SGD do not use
+them in the update; Adam's bias correction then runs one step ahead after a skip. The cost of a
+guarded update: one copy of the tensors it can change, and a ``where`` per tensor.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["NonFinite", "Snapshot", "UpdateGuard"]
+
+NonFinite = Literal["skip", "stop", "ignore"]
+
+
+@dataclass
+class Snapshot:
+    """What one guarded update may change, and copies of it from before.
+
+    Attributes:
+        tensors: the live tensors (parameters, existing optimizer states, buffers).
+        saved: their values before the update, one per tensor.
+        fresh: ``(optimizer, parameter)`` pairs whose optimizer state did not exist yet; the update
+            creates it, and a skipped update resets it to zeros (torch optimizers' initial state).
+    """
+
+    tensors: list[Tensor]
+    saved: list[Tensor]
+    fresh: list[tuple[torch.optim.Optimizer, nn.Parameter]] = field(default_factory=list)
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[list[Tensor], list[tuple[torch.optim.Optimizer, nn.Parameter]]]:
+    tensors: list[Tensor] = []
+    fresh = []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            tensors.append(p.data)
+            state = optimizer.state.get(p)
+            if not state:
+                fresh.append((optimizer, p))
+                continue
+            # `step` is a CPU counter in torch's default optimizers: not rolled back (see the module docstring)
+            tensors += [v for k, v in state.items() if k != "step" and isinstance(v, Tensor) and v.device == p.device]
+    return tensors, fresh
+
+
+class UpdateGuard:
+    """Skips non-finite optimizer updates on the device (see the module docstring).
+
+    Args:
+        mode: ``"skip"``, ``"stop"`` or ``"ignore"``.
+    """
+
+    def __init__(self, mode: NonFinite = "skip") -> None:
+        if mode not in ("skip", "stop", "ignore"):
+            raise ValueError(f"`nonfinite` must be 'skip', 'stop' or 'ignore', got {mode!r}")
+        self.mode: NonFinite = mode
+        self._skipped: Tensor | None = None  # device int64: non-finite updates since the last read
+        self._stopped: Tensor | None = None  # device bool (stop mode): a non-finite update happened
+        self._first_bad: Tensor | None = None  # device int64: step of the first non-finite update, -1 = none
+
+    def begin(self, optimizers: Sequence[torch.optim.Optimizer], modules: Iterable[nn.Module]) -> Snapshot | None:
+        """Copy what the next update of ``optimizers`` (and a forward pass of ``modules``) can change."""
+        if self.mode == "ignore":
+            return None
+        tensors: list[Tensor] = []
+        fresh: list[tuple[torch.optim.Optimizer, nn.Parameter]] = []
+        for optimizer in optimizers:
+            more, new = _optimizer_tensors(optimizer)
+            tensors += more
+            fresh += new
+        tensors += [b for m in modules for b in m.buffers()]
+        unique = list({id(t): t for t in tensors}.values())  # a parameter shared by two optimizers once
+        floats = [t for t in unique if t.is_floating_point()]
+        others = [t for t in unique if not t.is_floating_point()]
+        # one fused copy for the floating tensors (foreach), plain clones for the few counters
+        saved = (list(torch._foreach_mul(floats, 1.0)) if floats else []) + [t.clone() for t in others]
+        return Snapshot(floats + others, saved, fresh)
+
+    def settle(self, snapshot: Snapshot | None, finite: Tensor, step: int, count: bool = True) -> Tensor:
+        """Keep the update where ``finite`` (0-d bool, on the device, agreed by every rank), undo it
+        elsewhere; count it (unless ``count`` is false: a second settle of the same update).
+        Returns the ``ok`` flag used (``finite``, and not stopped)."""
+        ok = finite
+        if self.mode == "stop" and count:
+            stopped = self._stopped if self._stopped is not None else torch.zeros((), dtype=torch.bool, device=finite.device)
+            ok = finite & ~stopped
+            self._stopped = stopped | ~finite
+        if snapshot is not None:
+            for live, saved in zip(snapshot.tensors, snapshot.saved):
+                live.copy_(torch.where(ok, live, saved))
+            for optimizer, p in snapshot.fresh:
+                for key, value in optimizer.state.get(p, {}).items():
+                    if key != "step" and isinstance(value, Tensor) and value.device == ok.device:
+                        value.copy_(torch.where(ok, value, torch.zeros_like(value)))
+        if not count:
+            return ok
+        bad = (~finite).long()
+        self._skipped = bad if self._skipped is None else self._skipped + bad
+        first = self._first_bad if self._first_bad is not None else torch.full((), -1, dtype=torch.int64, device=finite.device)
+        self._first_bad = torch.where((first < 0) & ~finite, step, first)
+        return ok
+
+    def read(self) -> tuple[int, int]:
+        """``(non-finite updates since the last read, step of the first one ever or -1)``; one host sync."""
+        if self._skipped is None:
+            return 0, -1
+        count = int(self._skipped.item())
+        self._skipped.zero_()
+        return count, int(self._first_bad.item()) if self._first_bad is not None else -1
+
+    def check(self, step: int, so_far: int, save: Callable[[Path], Any], path: Path) -> int:
+        """The periodic check: :meth:`read` (one host sync); warn about the updates found since the
+        last check (``so_far`` found before); in ``stop`` mode ``save(path)`` the weights — those from
+        before the first non-finite update, none having been applied since — and raise.
+
+        Returns:
+            The number of non-finite updates found since the last check.
+
+        Raises:
+            FloatingPointError: ``stop`` mode, when there was one.
+        """
+        count, first = self.read()
+        if not count:
+            return 0
+        if self.mode == "stop":
+            save(path)
+            raise FloatingPointError(
+                f"non-finite training loss at step {first} (found at the check of step {step}); no update was applied "
+                f"from then on, so {path} holds the weights and optimizer states from before it. Lower the learning "
+                "rate, set `model.gradient_clip_val` (one optimizer per task) or `trainer.gradient_clip_val` (sum "
+                "mode), or set `model.nonfinite: skip`."
+            )
+        verb = "updates skipped" if self.mode == "skip" else "updates applied (nonfinite: ignore)"
+        warnings.warn(
+            f"non-finite training loss in {count} update(s) up to step {step} (first ever at step {first}): "
+            f"{verb}; {so_far + count} so far",
+            stacklevel=3,
+        )
+        return count
