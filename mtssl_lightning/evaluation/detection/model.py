@@ -29,6 +29,30 @@ from mtssl_lightning.evaluation.detection.voc import VOC_CLASSES
 from mtssl_lightning.trunks.base import Trunk
 
 
+class Float32BoxCoding:
+    """Box encoding and decoding in float32 whatever the autocast state, around torchvision's coder.
+
+    torchvision's ``BoxCoder`` casts the anchors (proposals) to the dtype of the regression
+    output: under ``bf16-mixed`` that is bfloat16, whose 8-bit mantissa puts a box corner at 600 px
+    ±2 px, before any learning. This wrapper hands it float32 tensors with autocast off, so only
+    the network runs in bf16. It replaces the ``box_coder`` attribute of torchvision's RPN and RoI
+    heads (what they call: ``encode``, ``decode``, ``weights``, ``bbox_xform_clip``; a test checks
+    that torchvision still has and uses them).
+    """
+
+    def __init__(self, coder: Any) -> None:
+        self.coder = coder
+        self.weights, self.bbox_xform_clip = coder.weights, coder.bbox_xform_clip
+
+    def encode(self, reference_boxes: list[Tensor], proposals: list[Tensor]) -> tuple[Tensor, ...]:
+        with torch.autocast(device_type=proposals[0].device.type, enabled=False):
+            return self.coder.encode([b.float() for b in reference_boxes], [p.float() for p in proposals])
+
+    def decode(self, rel_codes: Tensor, boxes: list[Tensor]) -> Tensor:
+        with torch.autocast(device_type=rel_codes.device.type, enabled=False):
+            return self.coder.decode(rel_codes.float(), [b.float() for b in boxes])
+
+
 def _block4_head(trunk: Trunk) -> nn.Sequential:
     """Fresh block 4 (stride 2: 14×14 RoIs → 7×7) then global average pooling → ``(R, C4)``."""
     next_block = getattr(trunk, "next_block", None)
@@ -140,6 +164,9 @@ class FasterRCNNDetector(SavesTrunkSpec, pl.LightningModule):
             box_detections_per_img=box_detections_per_img,
             box_batch_size_per_image=box_batch_size_per_image,
         )
+        # anchors and proposals stay float32 under bf16-mixed (see Float32BoxCoding)
+        self.model.rpn.box_coder = Float32BoxCoding(self.model.rpn.box_coder)
+        self.model.roi_heads.box_coder = Float32BoxCoding(self.model.roi_heads.box_coder)
         self.frozen, self.train_difficult = frozen, train_difficult
         self.optimizer_factory, self.scheduler_factory, self.warmup_steps = optimizer, lr_scheduler, warmup_steps
         self.map_coco = MeanAveragePrecision(

@@ -92,3 +92,33 @@ def test_fit_then_validate_from_yaml(tmp_path, voc_root, trunk_export, frozen):
         metrics = cli.trainer.callback_metrics
         assert {"val/mAP50", "val/mAP50_voc07"} <= set(metrics)
         assert all(0.0 <= metrics[k].item() <= 1.0 for k in ("val/mAP50", "val/mAP50_voc07"))
+
+
+def test_box_coding_stays_float32_under_bf16_autocast():
+    """torchvision's BoxCoder casts the boxes to the regression's dtype; under bf16 autocast that
+    moves a corner at ~600 px by up to a few pixels. Wrapped, encode and decode give the float32
+    results (and torchvision still calls the attributes the wrapper replaces)."""
+    from torchvision.models.detection.roi_heads import RoIHeads
+    from torchvision.models.detection.rpn import RegionProposalNetwork
+
+    from mtssl_lightning.evaluation.detection.model import Float32BoxCoding
+    from mtssl_lightning.trunks import ResNetV2
+
+    model = FasterRCNNDetector(trunk=ResNetV2("tiny", width=0.125), min_size=64, max_size=96)
+    coder = model.model.roi_heads.box_coder
+    assert isinstance(coder, Float32BoxCoding) and isinstance(model.model.rpn.box_coder, Float32BoxCoding)
+    for cls in (RegionProposalNetwork, RoIHeads):  # what torchvision's heads call on their coder
+        source = __import__("inspect").getsource(cls)
+        assert "self.box_coder.decode(" in source and "self.box_coder.encode(" in source, cls
+    g = torch.Generator().manual_seed(0)
+    boxes = [torch.tensor([[512.3, 401.7, 590.2, 599.1], [3.2, 7.9, 120.4, 88.8]])]
+    deltas = torch.randn(2, 4, generator=g) * 0.1
+    rounded = deltas.to(torch.bfloat16)  # what a bf16 regression head outputs
+    exact = coder.coder.decode(rounded.float(), boxes)  # torchvision's own, in float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = coder.decode(rounded, boxes)
+        theirs = coder.coder.decode(rounded, boxes)
+    torch.testing.assert_close(ours, exact, atol=1e-4, rtol=0)
+    assert (theirs.float() - exact).abs().max() > 0.5  # torchvision alone: the boxes themselves rounded to bf16
+    encoded = coder.encode([boxes[0]], [boxes[0] + 1.0])
+    assert encoded[0].dtype == torch.float32
