@@ -38,6 +38,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from mtssl_lightning.evaluation.backbone import Representation, SavesTrunkSpec, TrunkRepresentation, pretrained_trunk
 from mtssl_lightning.evaluation.classification.data import LabelledBatch
+from mtssl_lightning.tasks.heads import GlobalAvgPool
 from mtssl_lightning.trunks.base import Trunk
 
 Head = Literal["linear", "block4_linear"]
@@ -57,7 +58,8 @@ def linear_probe(channels: int, num_classes: int, pool_size: int = 1, bn: bool =
     The linear layer starts at N(0, 0.01²) weights and zero bias (the usual probe init).
     """
     dim = channels * pool_size * pool_size
-    layers: list[nn.Module] = [nn.AdaptiveAvgPool2d(pool_size), nn.Flatten()]
+    # a plain mean for one cell: AdaptiveAvgPool2d's CUDA backward has no deterministic kernel (fine-tuning)
+    layers: list[nn.Module] = [GlobalAvgPool()] if pool_size == 1 else [nn.AdaptiveAvgPool2d(pool_size), nn.Flatten()]
     if bn:
         layers.append(nn.BatchNorm1d(dim, affine=False))  # standardises features, no learnt scale
     fc = nn.Linear(dim, num_classes)

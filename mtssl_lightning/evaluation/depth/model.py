@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from mtssl_lightning.evaluation.backbone import Representation, SavesTrunkSpec, TrunkRepresentation, pretrained_trunk
 from mtssl_lightning.evaluation.depth.data import DepthBatch
 from mtssl_lightning.evaluation.depth.metrics import MIN_DEPTH, DepthMetrics
+from mtssl_lightning.tasks.heads import resize_bilinear
 from mtssl_lightning.trunks import ResNetV2, Trunk
 from mtssl_lightning.trunks.base import apply_speed_options
 
@@ -200,7 +201,8 @@ class DepthEstimator(SavesTrunkSpec, pl.LightningModule):
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         x = self.decoder(self.backbone(images))
-        x = F.interpolate(x.float(), size=images.shape[-2:], mode="bilinear", align_corners=False)
+        # bilinear as two matrix products: deterministic backward on CUDA (F.interpolate's is not)
+        x = resize_bilinear(x.float(), tuple(images.shape[-2:]))
         return F.softplus(x) + MIN_DEPTH
 
     def criterion(self, pred: Tensor, target: Tensor, valid: Tensor) -> Tensor:

@@ -26,6 +26,7 @@ from mtssl_lightning.evaluation.backbone import SavesTrunkSpec, TrunkRepresentat
 from mtssl_lightning.evaluation.detection.data import VOCBatch
 from mtssl_lightning.evaluation.detection.metrics import VOCMeanAP, drop_difficult
 from mtssl_lightning.evaluation.detection.voc import VOC_CLASSES
+from mtssl_lightning.tasks.heads import GlobalAvgPool
 from mtssl_lightning.trunks.base import Trunk
 
 
@@ -62,7 +63,7 @@ def _block4_head(trunk: Trunk) -> nn.Sequential:
             "provide; use a ResNetV2 trunk (mtssl_lightning.trunks.ResNetV2) cut after block 3"
         )
     block = next_block(stride=2)
-    head = nn.Sequential(block, nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+    head = nn.Sequential(block, GlobalAvgPool())  # a mean: deterministic backward on CUDA
     head.out_channels = block.out_channels  # type: ignore[assignment]
     return head
 
