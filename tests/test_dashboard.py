@@ -66,7 +66,7 @@ def test_an_offline_run_holds_every_dashboard_metric_and_picture_and_a_resume_co
     last = {task: {} for task in TASKS}
     for row in rows:
         for key, value in row.items():
-            if key.startswith("lasso/") and "/alpha_" in key:
+            if key.startswith("lasso/") and key.split("/")[1] in last and "/alpha_" in key:
                 last[key.split("/")[1]][key] = value
     alphas = {task: np.array([v for _, v in sorted(last[task].items())]) for task in TASKS}
     assert all(len(a) > 1 for a in alphas.values()), alphas
