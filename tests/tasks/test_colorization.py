@@ -381,8 +381,17 @@ def test_build_forward_loss_shapes_and_gradients(size: tuple[int, int]) -> None:
     metrics = task.make_metrics()
     metrics.update(*task.metric_inputs(logits, batch))
     values = metrics.compute()
-    assert set(values) == {"top_bin_acc", "ab_auc", "ce"}
+    assert set(values) == {"top_bin_acc", "ab_auc", "ce", "ce_prior"}
     assert 0 <= values["top_bin_acc"] <= 1 and 0 <= values["ab_auc"] <= 1 and values["ce"] > 0
+    # ce_prior by hand: -sum_k z_k log prior[bin_k], the mean over pixels
+    prior_log = task.guess_prior(smoothed=True).log().float()
+    by_hand = -(batch.target_weights * prior_log[batch.target_bins]).sum(1).mean()
+    assert values["ce_prior"].item() == pytest.approx(by_hand.item(), rel=1e-5)
+    # the prior as the net's prediction scores exactly its own reference
+    constant = prior_log.view(1, -1, 1, 1).expand_as(logits)
+    again = task.make_metrics()
+    again.update(*task.metric_inputs(constant, batch))
+    assert again.compute()["ce"].item() == pytest.approx(by_hand.item(), rel=1e-5)
     rgb = task.decode_rgb(logits, batch.lightness)
     assert rgb.shape == (2, 3, *size) and rgb.min() >= 0 and rgb.max() <= 1
 
