@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from mtssl_lightning.data.batch import ClipBatch, DataRequest, ImageBatch, TaskBatch
 from mtssl_lightning.data.clips import ClipDataset
 from mtssl_lightning.data.datasets import CropDataset
-from mtssl_lightning.data.device_decode import Decode, EncodedCropDataset, EncodedImageBatch, decode_batch
+from mtssl_lightning.data.device_decode import Decode, EncodedCropDataset, EncodedImageBatch, check_decode, decode_batch
 from mtssl_lightning.data.loading import (
     IdleLoader,
     Positions,
@@ -136,7 +136,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
         if image_check not in ("header", "decode", "none"):
             raise ValueError(f"`image_check` must be 'header', 'decode' or 'none', got {image_check!r}")
         self.image_check = image_check
-        self.decode = self._check_decode(decode)
+        self.decode = check_decode(decode)
         self.image_root, self.val_root, self.val_fraction = image_root, val_root, val_fraction
         self.video_root, self.video_val_root, self.video_val_fraction = video_root, video_val_root, video_val_fraction
         self.steps_per_epoch, self.val_samples = steps_per_epoch, val_samples
@@ -358,12 +358,6 @@ class MultiTaskDataModule(pl.LightningDataModule):
             for task, sampler in self.samplers.items()
             if task in batch
         }
-
-    @staticmethod
-    def _check_decode(decode: str) -> Decode:
-        if decode not in ("cpu", "device"):
-            raise ValueError(f"`decode` must be 'cpu' (in the DataLoader workers) or 'device' (JPEGs in batches on the device), got {decode!r}")
-        return decode  # type: ignore[return-value]
 
     @staticmethod
     def decode_on_device(batch: dict[str, RawBatch | None]) -> dict[str, ImageBatch | ClipBatch | None]:

@@ -36,12 +36,19 @@ from torch import Tensor
 from mtssl_lightning.data.batch import ImageBatch
 from mtssl_lightning.data.datasets import CropDataset, random_resized_box
 
-__all__ = ["Decode", "EncodedBytes", "EncodedCropDataset", "EncodedImageBatch", "decode_batch", "device_decodable"]
+__all__ = ["Decode", "EncodedBytes", "EncodedCropDataset", "EncodedImageBatch", "check_decode", "decode_batch", "device_decodable"]
 
 #: where images are decoded: in the DataLoader workers (``cpu``) or in batches on the device (``device``)
 Decode = Literal["cpu", "device"]
 
 _EXIF_ORIENTATION = 0x0112
+
+
+def check_decode(decode: str) -> Decode:
+    """``decode`` if it is ``cpu`` or ``device``, else a ``ValueError`` naming both."""
+    if decode not in ("cpu", "device"):
+        raise ValueError(f"`decode` must be 'cpu' (in the DataLoader workers) or 'device' (JPEGs in batches on the device), got {decode!r}")
+    return decode  # type: ignore[return-value]
 
 
 def device_decodable(path: Path) -> tuple[int, int] | None:
