@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from mtssl_lightning.data.batch import ClipBatch, DataRequest, ImageBatch, TaskBatch
 from mtssl_lightning.data.clips import ClipDataset
 from mtssl_lightning.data.datasets import CropDataset
+from mtssl_lightning.data.device_decode import Decode, EncodedCropDataset, EncodedImageBatch, check_decode, decode_batch
 from mtssl_lightning.data.loading import (
     IdleLoader,
     Positions,
@@ -32,7 +33,7 @@ from mtssl_lightning.interfaces import tasks_of_rank
 log = logging.getLogger(__name__)
 
 #: what the loaders deliver for one task, and what its sampler makes of it on the device
-RawBatch = ImageBatch | ClipBatch
+RawBatch = ImageBatch | ClipBatch | EncodedImageBatch
 TaskBatches = dict[str, TaskBatch | None]
 
 #: default clips per validation video (and per training video for the default epoch length)
@@ -99,6 +100,12 @@ class MultiTaskDataModule(pl.LightningDataModule):
             in checkpoints): every rank draws its own patches, views … and a run is reproducible
             for a given seed and world size, also across a resume.
         samplers: ``{task: sampler}`` in task order; ``None`` = ask the attached model at :meth:`setup`.
+        decode: where images are decoded: ``cpu`` (default: in the workers, with the crop and resize)
+            or ``device``: workers deliver the encoded bytes of JPEG files with their crop boxes (nothing
+            decoded on the CPU) and :meth:`on_after_batch_transfer` decodes them in batches on the
+            batch's device (nvJPEG on a GPU), crops and resizes there; other files (PNG, WebP, CMYK or
+            grey JPEGs, …) are still decoded in the workers (:mod:`mtssl_lightning.data.device_decode`).
+            Video clips are always decoded in the workers.
     """
 
     def __init__(
@@ -118,6 +125,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
         seed: int = 0,
         val_seed: int = 1234,
         samplers: dict[str, TaskSampler] | None = None,
+        decode: Decode = "cpu",
     ) -> None:
         super().__init__()
         if num_workers < 0:
@@ -129,6 +137,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
         if image_check not in ("header", "decode", "none"):
             raise ValueError(f"`image_check` must be 'header', 'decode' or 'none', got {image_check!r}")
         self.image_check = image_check
+        self.decode = check_decode(decode)
         self.image_root, self.val_root, self.val_fraction = image_root, val_root, val_fraction
         self.video_root, self.video_val_root, self.video_val_fraction = video_root, video_val_root, video_val_fraction
         self.steps_per_epoch, self.val_samples = steps_per_epoch, val_samples
@@ -242,7 +251,8 @@ class MultiTaskDataModule(pl.LightningDataModule):
             return ClipDataset(
                 source, request.image_size, request.clip_length, request.frame_stride, length, train, min_scale, self.seed
             )
-        return CropDataset(source, request.image_size, length, train, min_scale, self.seed)
+        crops = EncodedCropDataset if self.decode == "device" else CropDataset
+        return crops(source, request.image_size, length, train, min_scale, self.seed)
 
     def worker_shares(self, names: list[str]) -> dict[str, int]:
         """How this rank's ``num_workers`` are shared among the loaders of ``names``: in proportion to
@@ -330,6 +340,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
         and the batch's position in the validation set. Tasks whose loader is exhausted (``None``)
         stay ``None``. Never runs under autocast (the inputs are built in float32).
         """
+        batch = self.decode_on_device(batch)
         present = [(name, raw) for name, raw in batch.items() if raw is not None]
         if not present:
             return dict.fromkeys(batch)
@@ -350,6 +361,12 @@ class MultiTaskDataModule(pl.LightningDataModule):
             if task in batch
         }
 
+    @staticmethod
+    def decode_on_device(batch: dict[str, RawBatch | None]) -> dict[str, ImageBatch | ClipBatch | None]:
+        """``decode: device``: each task's encoded JPEGs decoded, cropped and resized on the batch's
+        device (:func:`~mtssl_lightning.data.device_decode.decode_batch`); other batches unchanged."""
+        return {name: decode_batch(raw) if isinstance(raw, EncodedImageBatch) else raw for name, raw in batch.items()}
+
     def state_dict(self) -> dict[str, int]:
         """Saved in checkpoints: the number of training batches built (resumed runs draw the same task inputs)."""
         return {"train_batches": self._train_batches}
@@ -363,7 +380,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
         Prediction runs one task's loader at a time (in task order): its raw batch becomes
         ``{task: TaskBatch}``. Anything else that is not a dict of raw batches passes through.
         """
-        if isinstance(batch, (ImageBatch, ClipBatch)):
+        if isinstance(batch, (ImageBatch, ClipBatch, EncodedImageBatch)):
             batch = {list(self.samplers)[dataloader_idx]: batch}
         if not isinstance(batch, dict):
             return batch

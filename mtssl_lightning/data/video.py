@@ -25,7 +25,6 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import av
 import numpy as np
 
 from mtssl_lightning.data.sample import SAMPLE_VIDEOS, sample_video_path
@@ -34,6 +33,19 @@ from mtssl_lightning.data.sources import find_files, screen
 log = logging.getLogger(__name__)
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
+
+
+def _av():  # noqa: ANN202 - the PyAV module
+    """PyAV, imported when a video file is first opened: the package (and frame folders, which need
+    no PyAV) imports without it, e.g. on a GPU machine where it is not installed (``make gpu-check``)."""
+    try:
+        import av
+    except ImportError as err:  # pragma: no cover - PyAV is a dependency; only bare machines lack it
+        raise ImportError(
+            "decoding video files needs PyAV (`pip install av`); without it, use folders of extracted "
+            "frames as `data.video_root` (mtssl_lightning.data.frames.FrameFolder)"
+        ) from err
+    return av
 
 
 def frame_window(total: int, frame_range: tuple[float, float]) -> tuple[int, int]:
@@ -210,7 +222,7 @@ class VideoFolder(VideoSource):
         path = self.path(i)
         if path.stat().st_size == 0:
             raise ValueError("empty file (0 bytes)")
-        with av.open(str(path)) as container:
+        with _av().open(str(path)) as container:
             if not container.streams.video:
                 raise ValueError("no video stream")
             stream = container.streams.video[0]
@@ -233,7 +245,7 @@ class VideoFolder(VideoSource):
                 tpf = float(1 / (stream.time_base * rate))
             total = stream.frames
         if total <= 0:  # no count in the header (mkv, webm…): count the packets that carry a frame
-            with av.open(str(path)) as container:
+            with _av().open(str(path)) as container:
                 total = sum(1 for packet in container.demux(video=0) if packet.size > 0)
         first_pts = first.pts if tpf is not None else None
         self._info[i] = _StreamInfo(total, first_pts, tpf, reorder, frame_window(total, self.frame_range))
@@ -284,12 +296,12 @@ class VideoFolder(VideoSource):
         out: list[np.ndarray] = []
         tpf, first_pts = info.ticks_per_frame, info.first_pts
         seek = seek_pts is not None
-        with av.open(str(self.path(i))) as container:
+        with _av().open(str(self.path(i))) as container:
             stream = container.streams.video[0]
             if seek:
                 try:
                     container.seek(seek_pts, stream=stream, backward=True)
-                except av.FFmpegError:
+                except _av().FFmpegError:
                     raise _SeekMissed(-1) from None
             n = -1
             for count, frame in enumerate(container.decode(stream)):
