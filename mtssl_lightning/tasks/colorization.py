@@ -308,39 +308,47 @@ class TopBinAccuracy(HitRate):
 
 
 class SoftCrossEntropy(MeanMetric):
-    """The unweighted soft-target cross-entropy per pixel, ``-Σ_k z_k log ẑ[bin_k]``, averaged over pixels.
+    """The soft-target cross-entropy per pixel, ``-Σ_k z_k log ẑ[bin_k]``, averaged over pixels;
+    unweighted, or (``weighted=True``) with the loss's rebalancing weight of each pixel's top bin.
 
     The task's loss weights each pixel by the rebalancing weight of its top bin, and those weights
     follow the running prior: the same predictions get a different weighted loss as the prior
-    fills in, so the weighted validation loss is not a "lower is better" curve over a run. This one is.
-    ``update(logits, target_bin, pred_ab, true_ab, target_bins (B, K, h, w), target_weights)``.
+    fills in, so the weighted validation loss is not a "lower is better" curve over a run; the
+    unweighted one is. ``update(logits, target_bin, pred_ab, true_ab, target_bins (B, K, h, w),
+    target_weights, prior_log_probs (Q,), class_weights (Q,))`` (:meth:`Colorization.metric_inputs`).
     """
 
     higher_is_better = False
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, weighted: bool = False, **kwargs: Any) -> None:
         super().__init__(nan_strategy="disable", **kwargs)  # no NaN check: it would be a host sync per update
+        self.weighted = weighted
         self.set_dtype(torch.float64)
 
     def update(  # type: ignore[override]
-        self, logits: Tensor, target_bin: Tensor, pred_ab: Tensor, true_ab: Tensor, target_bins: Tensor, target_weights: Tensor, *_: Any
+        self, logits: Tensor, target_bin: Tensor, pred_ab: Tensor, true_ab: Tensor, target_bins: Tensor, target_weights: Tensor,
+        prior_log_probs: Tensor, class_weights: Tensor,
     ) -> None:
         with torch.autocast(device_type=logits.device.type, enabled=False):
-            log_probs = torch.log_softmax(logits.float(), dim=1).gather(1, target_bins)
-            super().update(-(target_weights * log_probs).sum(1).reshape(-1))
+            log_probs = torch.log_softmax(self.logits(logits, prior_log_probs).float(), dim=1).gather(1, target_bins)
+            ce = -(target_weights * log_probs).sum(1)
+            if self.weighted:
+                ce = class_weights.float()[target_bin] * ce
+            super().update(ce.reshape(-1))
+
+    def logits(self, logits: Tensor, prior_log_probs: Tensor) -> Tensor:
+        """The predictions scored: the net's."""
+        return logits
 
 
 class PriorCrossEntropy(SoftCrossEntropy):
-    """The no-learning reference of :class:`SoftCrossEntropy`: the same cross-entropy for a
-    predictor that ignores the image and always outputs the training data's colour prior
-    (the best image-independent guess). ``update(..., prior_log_probs (Q,))`` — the 7th input."""
+    """The no-learning reference of :class:`SoftCrossEntropy`: the same cross-entropy (unweighted,
+    or weighted like the loss) for a predictor that ignores the image and always outputs the
+    training data's smoothed colour prior (the best image-independent guess)."""
 
-    def update(  # type: ignore[override]
-        self, logits: Tensor, target_bin: Tensor, pred_ab: Tensor, true_ab: Tensor, target_bins: Tensor, target_weights: Tensor,
-        prior_log_probs: Tensor, *_: Any,
-    ) -> None:
-        constant = prior_log_probs.view(1, -1, 1, 1).expand(logits.shape[0], -1, *logits.shape[2:])
-        super().update(constant, target_bin, pred_ab, true_ab, target_bins, target_weights)
+    def logits(self, logits: Tensor, prior_log_probs: Tensor) -> Tensor:
+        """The predictions scored: the prior, at every pixel."""
+        return prior_log_probs.view(1, -1, 1, 1).expand(logits.shape[0], -1, *logits.shape[2:])
 
 
 class AbErrorAuC(Metric):
@@ -616,21 +624,27 @@ class Colorization(Task):
 
     def make_metrics(self) -> MetricCollection:
         """``top_bin_acc`` (:class:`TopBinAccuracy`), ``ab_auc`` (:class:`AbErrorAuC`, t = 0…150), ``ce``
-        (:class:`SoftCrossEntropy`, the unweighted loss) and ``ce_prior`` (:class:`PriorCrossEntropy`,
-        the same for always predicting the smoothed training prior: ``ce`` below it means the
-        net predicts colours from the image, beyond the data's colour statistics)."""
+        (:class:`SoftCrossEntropy`, the unweighted loss), and the no-learning references
+        (:class:`PriorCrossEntropy`: always predicting the smoothed training prior) ``ce_prior``
+        and ``loss_prior`` (weighted like the loss, with the same weights at the same moment):
+        ``ce`` below ``ce_prior`` or ``loss`` below ``loss_prior`` means the net predicts colours
+        from the image, beyond the data's colour statistics."""
         return MetricCollection({
-            "top_bin_acc": TopBinAccuracy(), "ab_auc": AbErrorAuC(), "ce": SoftCrossEntropy(), "ce_prior": PriorCrossEntropy(),
+            "top_bin_acc": TopBinAccuracy(), "ab_auc": AbErrorAuC(), "ce": SoftCrossEntropy(),
+            "ce_prior": PriorCrossEntropy(), "loss_prior": PriorCrossEntropy(weighted=True),
         })
 
     def metric_inputs(self, prediction: Tensor, batch: TaskBatch) -> tuple[Tensor, ...]:
         """``(logits, target bin (B, h, w), annealed-mean ab, true ab, target bins (B, K, h, w), target
-        weights, log prior (Q,))`` for the metrics' ``update``; the prior is the smoothed training
-        prior mixed with 1e-4 of uniform (no bin gets probability 0)."""
+        weights, log prior (Q,), class weights (Q,))`` for the metrics' ``update``; the prior is
+        the smoothed training prior mixed with 1e-4 of uniform (no bin gets probability 0)."""
         assert isinstance(batch, ColorizationBatch)
         pred_ab = annealed_mean(prediction.detach(), self.centres, self.temperature)
         prior_log = self.guess_prior(smoothed=True).log().to(torch.float32)
-        return prediction.detach(), batch.target_bins[:, 0], pred_ab, batch.ab, batch.target_bins, batch.target_weights, prior_log
+        return (
+            prediction.detach(), batch.target_bins[:, 0], pred_ab, batch.ab, batch.target_bins, batch.target_weights,
+            prior_log, self.class_weights(),
+        )
 
     @torch.no_grad()
     def decode_rgb(self, logits: Tensor, lightness: Tensor) -> Tensor:
