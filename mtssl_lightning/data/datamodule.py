@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
@@ -15,6 +16,7 @@ from torch.utils.data import DataLoader
 from mtssl_lightning.data.batch import ClipBatch, DataRequest, ImageBatch, TaskBatch
 from mtssl_lightning.data.clips import ClipDataset
 from mtssl_lightning.data.datasets import CropDataset
+from mtssl_lightning.data.folders import SharedScreenings, holds_video_files
 from mtssl_lightning.data.loading import (
     IdleLoader,
     Positions,
@@ -109,6 +111,8 @@ class MultiTaskDataModule(pl.LightningDataModule):
         video_val_root: str | None = None,
         video_val_fraction: float = 0.2,
         image_check: ImageCheck = "header",
+        cache_dir: str | None = None,
+        screen_workers: int | None = None,
         steps_per_epoch: int | None = None,
         val_samples: int | None = None,
         min_scale: float = 0.2,
@@ -128,6 +132,10 @@ class MultiTaskDataModule(pl.LightningDataModule):
         if image_check not in ("header", "decode", "none"):
             raise ValueError(f"`image_check` must be 'header', 'decode' or 'none', got {image_check!r}")
         self.image_check = image_check
+        self.cache_dir, self.screen_workers = cache_dir, screen_workers
+        self._screenings: SharedScreenings | None = None
+        # one process screens (global rank 0, see prepare_data); the others read its cache
+        self.prepare_data_per_node = False
         self.image_root, self.val_root, self.val_fraction = image_root, val_root, val_fraction
         self.video_root, self.video_val_root, self.video_val_fraction = video_root, video_val_root, video_val_fraction
         self.steps_per_epoch, self.val_samples = steps_per_epoch, val_samples
@@ -176,6 +184,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
         if self.train_images is not None or self.train_videos is not None:
             return
         requests = self.requests
+        self._share_screenings()
         if any(r.source == "images" for r in requests.values()):
             self._setup_images()
         video_tasks = [name for name, request in requests.items() if request.source == "videos"]
@@ -187,11 +196,11 @@ class MultiTaskDataModule(pl.LightningDataModule):
             self.train_images, self.val_images = SampleImages("train"), SampleImages("val")
         elif self.val_root is not None:
             # screened before any worker starts: unusable files are warned about and counted here
-            self.train_images = ImageFolder(self.image_root).check(self.image_check)
-            self.val_images = ImageFolder(self.val_root).check(self.image_check)
+            self.train_images = self._usable_images(self.image_root)
+            self.val_images = self._usable_images(self.val_root)
         else:
             # the split hashes names, so screening first never moves a good image between the splits
-            self.train_images, self.val_images = ImageFolder(self.image_root).check(self.image_check).split(self.val_fraction)
+            self.train_images, self.val_images = self._usable_images(self.image_root).split(self.val_fraction)
         log.info("training on %s; validating on %s", self.train_images.describe(), self.val_images.describe())
 
     def _setup_videos(self, video_tasks: list[str]) -> None:
@@ -203,12 +212,57 @@ class MultiTaskDataModule(pl.LightningDataModule):
                 )
             self.train_videos, self.val_videos = SampleVideos("train"), SampleVideos("val")
         elif self.video_val_root is not None:
-            self.train_videos, self.val_videos = open_video_source(self.video_root), open_video_source(self.video_val_root)
+            self.train_videos, self.val_videos = self._video_source(self.video_root), self._video_source(self.video_val_root)
         else:
             split = 1.0 - self.video_val_fraction
-            self.train_videos = open_video_source(self.video_root, (0.0, split))
-            self.val_videos = open_video_source(self.video_root, (split, 1.0))
+            self.train_videos = self._video_source(self.video_root, (0.0, split))
+            self.val_videos = self._video_source(self.video_root, (split, 1.0))
         log.info("video tasks %s train on %s; validate on %s", video_tasks, self.train_videos.describe(), self.val_videos.describe())
+
+    # ------------------------------------------------- screening: once per job, shared by all ranks
+    def prepare_data(self) -> None:
+        """Screen the image and video folders the tasks read (:class:`~mtssl_lightning.data.folders.SharedScreenings`).
+
+        Lightning runs this on global rank 0 only, before any rank's :meth:`setup`, the other ranks
+        waiting without timeout; the result goes to the cache file, which :meth:`setup` hands to
+        every rank. Problems with the data are raised in every rank's :meth:`setup`, not here.
+        """
+        self._screenings = self._new_screenings()
+        self._screenings.screen()
+
+    def _screen_cache_dir(self) -> Path | None:
+        if self.cache_dir is not None:
+            return Path(self.cache_dir).expanduser()
+        if self.trainer is not None:
+            return Path(self.trainer.default_root_dir) / "data-cache"
+        return None
+
+    def _new_screenings(self) -> SharedScreenings:
+        """The folders to screen: image folders (unless ``image_check`` is ``none``) and folders of
+        video files (frame folders are probed cheaply when opened), of the tasks' sources."""
+        sources = {r.source for r in self.requests.values()}
+        folders: list[tuple[str, str]] = []
+        if "images" in sources and self.image_root is not None and self.image_check != "none":
+            folders += [("images", root) for root in (self.image_root, self.val_root) if root is not None]
+        if "videos" in sources and self.video_root is not None:
+            folders += [("videos", root) for root in (self.video_root, self.video_val_root) if root is not None and holds_video_files(root)]
+        return SharedScreenings(folders, self.image_check, self._screen_cache_dir(), self.screen_workers)
+
+    def _share_screenings(self) -> None:
+        if self._screenings is None:
+            self._screenings = self._new_screenings()
+        self._screenings.share(self.trainer)
+
+    def _usable_images(self, root: str) -> ImageFolder:
+        if self.image_check == "none":
+            return ImageFolder(root)
+        assert self._screenings is not None
+        return self._screenings.images(root)
+
+    def _video_source(self, root: str, frame_range: tuple[float, float] = (0.0, 1.0)) -> VideoSource:
+        if self._screenings is not None and ("videos", root) in self._screenings.results:
+            return self._screenings.videos(root, frame_range)
+        return open_video_source(root, frame_range)
 
     # ------------------------------------------------------------ dataloaders
     def _source(self, request: DataRequest, train: bool) -> ImageSource | VideoSource:

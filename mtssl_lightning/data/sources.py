@@ -1,9 +1,10 @@
 """Image sources: where pictures come from (a folder tree, or the bundled sample photos).
 
 A source is a list of named items with a ``load(i)`` that returns a PIL RGB image. Bad files
-are dealt with twice: :meth:`ImageSource.check` screens every file in the main process before
-training (one warning per unusable file, one count in the log, an error naming the folder when
-nothing is usable), and the DataLoader workers skip any file that still fails to decode (a
+are dealt with twice: :meth:`ImageFolder.check` screens every file before training, once per job
+and cached (:mod:`~mtssl_lightning.data.screening`; one warning per unusable file, one count in
+the log, an error naming the folder when nothing is usable), and the DataLoader workers skip any
+file that still fails to decode (a
 warning each, counted in ``train/skipped_files``; see
 :class:`~mtssl_lightning.data.datasets.CropDataset`). Video sources follow the same pattern.
 """
@@ -14,13 +15,14 @@ import hashlib
 import logging
 import os
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+import functools
 from pathlib import Path
 from typing import Literal
 
 from PIL import Image, ImageOps
 
 from mtssl_lightning.data.sample import SAMPLE_VAL_NAMES, sample_images
+from mtssl_lightning.data.screening import Listing, Screening, list_files, screen_folder
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +73,14 @@ def screen(
     return usable
 
 
-def probe_image(path: Path, mode: ImageCheck = "header") -> str | None:
+def probe_image(path: str | os.PathLike, mode: ImageCheck = "header") -> str | None:
     """Why the image file at ``path`` is unusable, or ``None`` when it is fine.
 
     ``header`` parses the header only (size and format); ``decode`` also decodes the pixels and
     converts them to RGB, as training would.
     """
     try:
-        if path.stat().st_size == 0:
+        if os.stat(path).st_size == 0:
             return "empty file (0 bytes)"
         with Image.open(path) as image:
             width, height = image.size
@@ -90,6 +92,11 @@ def probe_image(path: Path, mode: ImageCheck = "header") -> str | None:
     except Exception as err:  # noqa: BLE001 - any failure means "unusable", and the reason is reported
         return f"unreadable ({type(err).__name__}: {err})"
     return None
+
+
+def image_probe(path: str, mode: ImageCheck = "header") -> tuple[str | None, None]:
+    """:func:`probe_image` in the form :func:`~mtssl_lightning.data.screening.screen_folder` runs in its processes."""
+    return probe_image(path, mode), None
 
 
 class ImageSource:
@@ -118,17 +125,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def find_files(root: Path, extensions: tuple[str, ...], kind: str) -> list[str]:
     """Sorted paths relative to ``root`` of the files under it (recursively, following links)
-    whose suffix is one of ``extensions`` (case-insensitive); a clear error when there is none."""
-    exts = tuple(e.lower() for e in extensions)
-    names = sorted(
-        str(Path(dirpath, f).relative_to(root))
-        for dirpath, _, files in os.walk(root, followlinks=True)
-        for f in files
-        if f.lower().endswith(exts)
-    )
-    if not names:
-        raise FileNotFoundError(f"no {kind} files ({', '.join(exts)}) found under {str(root)!r}")
-    return names
+    whose suffix is one of ``extensions`` (case-insensitive); a clear error when there is none.
+
+    Uses :func:`~mtssl_lightning.data.screening.list_files` (``os.scandir``; names with ``/``).
+    """
+    return list_files(root, extensions, kind).names
 
 
 class ImageFolder(ImageSource):
@@ -144,7 +145,13 @@ class ImageFolder(ImageSource):
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {str(self.root)!r} does not exist or is not a folder; set `data.image_root` to a folder of images")
-        self.names = names if names is not None else find_files(self.root, extensions, "image")
+        self.extensions = extensions
+        # the listing (sizes, mtimes) is what screening's cache is keyed by: kept to list only once
+        self._listing: Listing | None = None
+        if names is None:
+            self._listing = list_files(self.root, extensions, "image")
+            names = self._listing.names
+        self.names = names
 
     def load(self, i: int) -> Image.Image:
         with Image.open(self.root / self.names[i]) as image:
@@ -154,8 +161,49 @@ class ImageFolder(ImageSource):
     def describe(self) -> str:
         return f"{len(self)} images under {self.root}"
 
-    def check(self, mode: ImageCheck = "header") -> ImageFolder:
-        """This folder without its unusable files (screened in the main process, before training).
+    def screen(
+        self, mode: ImageCheck = "header", cache_dir: str | os.PathLike | None = None, workers: int | None = None, progress: bool = True
+    ) -> Screening:
+        """Probe every file of the folder (see :func:`~mtssl_lightning.data.screening.screen_folder`):
+        in ``workers`` processes, with a progress bar, reusing and updating the cache in ``cache_dir``.
+
+        Only a folder listed by this object (``names=None``) can be screened.
+        """
+        if mode not in ("header", "decode"):
+            raise ValueError(f"`image_check` must be 'header' or 'decode' to screen, got {mode!r}")
+        if self._listing is None:
+            raise ValueError("only a whole folder (ImageFolder(root) without `names`) can be screened")
+        probe = functools.partial(image_probe, mode=mode)
+        return screen_folder(self.root, self.extensions, "images", mode, probe, cache_dir, workers, progress, self._listing)
+
+    def usable(self, screening: Screening, report: bool = True) -> ImageFolder:
+        """This folder without the files ``screening`` found unusable.
+
+        Args:
+            screening: the result of :meth:`screen` (here, or by another rank: read from the cache).
+            report: warn once per unusable file and log the count (the process that screened does;
+                the other ranks stay quiet).
+
+        Raises:
+            ValueError: no file is usable (on every rank; the message names the folder, the
+                reasons and the fix).
+        """
+        if not screening.reasons:
+            return ImageFolder(self.root, screening.names, self.extensions)
+        fix = "Add readable images (JPEG, PNG, WebP, …) to the folder, or point `data.image_root` elsewhere."
+        where = f"{len(screening.names)} images under {self.root}"
+        if report:
+            usable = screen(screening.names, screening.reasons, "images", where, fix)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                usable = screen(screening.names, screening.reasons, "images", where, fix, log_count=False)
+        return ImageFolder(self.root, [screening.names[i] for i in usable], self.extensions)
+
+    def check(
+        self, mode: ImageCheck = "header", cache_dir: str | os.PathLike | None = None, workers: int | None = None, progress: bool = True
+    ) -> ImageFolder:
+        """This folder without its unusable files: :meth:`screen` then :meth:`usable` (with the report).
 
         Warns once per unusable file (name and reason) and logs the count; ``mode`` says how
         hard to look (:data:`ImageCheck`).
@@ -167,15 +215,7 @@ class ImageFolder(ImageSource):
             return self
         if mode not in ("header", "decode"):
             raise ValueError(f"`image_check` must be 'header', 'decode' or 'none', got {mode!r}")
-        # threads: opening files is I/O bound (network file systems), and PIL decodes without the GIL
-        with ThreadPoolExecutor(max_workers=min(16, (os.cpu_count() or 1) * 4)) as pool:
-            found = list(pool.map(lambda name: probe_image(self.root / name, mode), self.names))
-        reasons = {i: reason for i, reason in enumerate(found) if reason is not None}
-        if not reasons:
-            return self
-        fix = "Add readable images (JPEG, PNG, WebP, …) to the folder, or point `data.image_root` elsewhere."
-        usable = screen(self.names, reasons, "images", self.describe(), fix)
-        return ImageFolder(self.root, [self.names[i] for i in usable])
+        return self.usable(self.screen(mode, cache_dir, workers, progress))
 
     def split(self, val_fraction: float) -> tuple[ImageFolder, ImageFolder]:
         """Deterministic train/val split by a hash of each relative path.
@@ -196,7 +236,7 @@ class ImageFolder(ImageSource):
             val = [min(self.names, key=bucket)]
         val_set = set(val)
         train = [n for n in self.names if n not in val_set]
-        return ImageFolder(self.root, train), ImageFolder(self.root, val)
+        return ImageFolder(self.root, train, self.extensions), ImageFolder(self.root, val, self.extensions)
 
 
 class SampleImages(ImageSource):

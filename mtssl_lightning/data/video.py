@@ -29,7 +29,8 @@ import av
 import numpy as np
 
 from mtssl_lightning.data.sample import sample_video_path
-from mtssl_lightning.data.sources import find_files, screen
+from mtssl_lightning.data.screening import Listing, Screening, list_files, screen_folder
+from mtssl_lightning.data.sources import screen
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,9 @@ class VideoSource:
         reasons = {}
         for i in range(len(self)):
             n = self._probe_cached(i)
-            if isinstance(n, Exception):
+            if isinstance(n, UnusableVideo):
+                reasons[i] = str(n)
+            elif isinstance(n, Exception):
                 reasons[i] = f"unreadable ({type(n).__name__}: {n})"
             elif n < min_frames:
                 reasons[i] = f"too short: clips need {min_frames} frames, found {n}"
@@ -168,6 +171,59 @@ class _StreamInfo:
     window: tuple[int, int]  # frames [lo, hi) of the file that this source uses
 
 
+class UnusableVideo(Exception):
+    """A video found unusable by a screening (the message is the reason, as reported)."""
+
+
+def stream_info(path: str) -> tuple[int, int | None, float | None, int]:
+    """``(frames, first pts, pts per frame, reorder)`` of the video file at ``path`` (see :class:`_StreamInfo`).
+
+    Decodes the first frame (proves the codec works) and reads the first packets' timestamps.
+
+    Raises:
+        ValueError: the file is empty, has no video stream or no decodable frame.
+        av.FFmpegError: the file cannot be opened or demuxed.
+    """
+    if os.stat(path).st_size == 0:
+        raise ValueError("empty file (0 bytes)")
+    with av.open(path) as container:
+        if not container.streams.video:
+            raise ValueError("no video stream")
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate
+        first, reorder = None, 0
+        # decoding frame 0 proves the codec works and gives the first timestamp; the first
+        # packets also tell how far decode order (dts) runs ahead of display order (pts)
+        for count, packet in enumerate(container.demux(stream)):
+            if packet.pts is not None and packet.dts is not None:
+                reorder = max(reorder, packet.pts - packet.dts)
+            if first is None:
+                decoded = packet.decode()
+                first = decoded[0] if decoded else None
+            if first is not None and count >= 32:
+                break
+        if first is None:
+            raise ValueError("no decodable frame")
+        tpf = None
+        if first.pts is not None and rate and stream.time_base:
+            tpf = float(1 / (stream.time_base * rate))
+        total = stream.frames
+    if total <= 0:  # no count in the header (mkv, webm…): count the packets that carry a frame
+        with av.open(path) as container:
+            total = sum(1 for packet in container.demux(video=0) if packet.size > 0)
+    first_pts = first.pts if tpf is not None else None
+    return int(total), first_pts, tpf, int(reorder)
+
+
+def video_probe(path: str) -> tuple[str | None, list | None]:
+    """:func:`stream_info` in the form :func:`~mtssl_lightning.data.screening.screen_folder` runs in its
+    processes: ``(reason, None)`` for an unusable file, ``(None, [frames, first pts, pts per frame, reorder])``."""
+    try:
+        return None, list(stream_info(path))
+    except Exception as err:  # noqa: BLE001 - any failure means "unusable", and the reason is reported
+        return f"unreadable ({type(err).__name__}: {err})", None
+
+
 class _SeekMissed(Exception):
     """A seek failed (``frame`` = -1) or landed after the wanted frame (at ``frame``)."""
 
@@ -199,46 +255,59 @@ class VideoFolder(VideoSource):
         if not self.root.is_dir():
             raise FileNotFoundError(f"video folder {str(self.root)!r} does not exist or is not a folder; set `data.video_root` to a folder of videos")
         self.frame_range = check_frame_range(frame_range)
-        self.names = names if names is not None else find_files(self.root, extensions, "video")
+        self.extensions = extensions
+        self._listing: Listing | None = None
+        if names is None:
+            self._listing = list_files(self.root, extensions, "video")
+            names = self._listing.names
+        self.names = names
         self._info: dict[int, _StreamInfo] = {}
+        self._stream: dict[int, tuple[int, int | None, float | None, int]] = {}  # probed, before the window
 
     def path(self, i: int) -> Path:
         """Path of video ``i``."""
         return self.root / self.names[i]
 
     def _probe(self, i: int) -> int:
-        path = self.path(i)
-        if path.stat().st_size == 0:
-            raise ValueError("empty file (0 bytes)")
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise ValueError("no video stream")
-            stream = container.streams.video[0]
-            rate = stream.average_rate or stream.guessed_rate
-            first, reorder = None, 0
-            # decoding frame 0 proves the codec works and gives the first timestamp; the first
-            # packets also tell how far decode order (dts) runs ahead of display order (pts)
-            for count, packet in enumerate(container.demux(stream)):
-                if packet.pts is not None and packet.dts is not None:
-                    reorder = max(reorder, packet.pts - packet.dts)
-                if first is None:
-                    decoded = packet.decode()
-                    first = decoded[0] if decoded else None
-                if first is not None and count >= 32:
-                    break
-            if first is None:
-                raise ValueError("no decodable frame")
-            tpf = None
-            if first.pts is not None and rate and stream.time_base:
-                tpf = float(1 / (stream.time_base * rate))
-            total = stream.frames
-        if total <= 0:  # no count in the header (mkv, webm…): count the packets that carry a frame
-            with av.open(str(path)) as container:
-                total = sum(1 for packet in container.demux(video=0) if packet.size > 0)
-        first_pts = first.pts if tpf is not None else None
-        self._info[i] = _StreamInfo(total, first_pts, tpf, reorder, frame_window(total, self.frame_range))
+        if i not in self._stream:
+            self._stream[i] = stream_info(str(self.path(i)))
+        total = self._stream[i][0]
+        self._info[i] = _StreamInfo(*self._stream[i], window=frame_window(total, self.frame_range))
         lo, hi = self._info[i].window
         return hi - lo
+
+    def screen(self, cache_dir: str | os.PathLike | None = None, workers: int | None = None, progress: bool = True) -> Screening:
+        """Probe every video of the folder in ``workers`` processes, with a progress bar, reusing and
+        updating the cache in ``cache_dir`` (see :func:`~mtssl_lightning.data.screening.screen_folder`).
+
+        What is cached per file (frame count, timestamps) does not depend on ``frame_range``, so a
+        training and a validation window of the same folder share one screening.
+        """
+        if self._listing is None:
+            raise ValueError("only a whole folder (VideoFolder(root) without `names`) can be screened")
+        return screen_folder(self.root, self.extensions, "videos", "probe", video_probe, cache_dir, workers, progress, self._listing)
+
+    def use_screening(self, screening: Screening) -> None:
+        """Take every video's probe result from ``screening`` (of this folder, here or by another rank)
+        instead of probing again; :meth:`check` then only applies the clip length."""
+        where = {name: j for j, name in enumerate(screening.names)}
+        frames: dict[int, int | Exception] = self.__dict__.setdefault("_frames", {})
+        for i, name in enumerate(self.names):
+            j = where.get(name)
+            if j is None:
+                continue
+            if j in screening.reasons:
+                frames[i] = UnusableVideo(screening.reasons[j])
+            else:
+                self._stream[i] = tuple(screening.info[j])
+                frames[i] = self._probe(i)
+
+    def check(self, min_frames: int = 1) -> list[int]:
+        """:meth:`VideoSource.check`; a whole folder not yet probed is first probed in parallel (:meth:`screen`, no cache)."""
+        probed = self.__dict__.get("_frames", {})
+        if self._listing is not None and len(probed) < len(self):
+            self.use_screening(self.screen())
+        return super().check(min_frames)
 
     def read_clip(self, i: int, start: int, length: int, stride: int = 1) -> np.ndarray:
         """Frames ``start, start + stride, …`` (``length`` of them, counted in the window) of video ``i``.
