@@ -100,6 +100,9 @@ class CropDataset(Dataset):
             ``seed`` and the index), so validation sees the same crops every epoch.
         min_scale: smallest crop area as a fraction of the image.
         seed: base seed of the fixed (validation) crops.
+        reduce: let the source decode at reduced size when the crop is shrunk ≥ 2× (JPEG DCT
+            scaling, see :func:`~mtssl_lightning.data.sources.crop_file`); ``False`` decodes
+            every image fully.
     """
 
     def __init__(
@@ -110,6 +113,7 @@ class CropDataset(Dataset):
         train: bool = True,
         min_scale: float = 0.2,
         seed: int = 0,
+        reduce: bool = True,
     ) -> None:
         if len(source) == 0:
             raise ValueError(f"no images in {source.describe()}")
@@ -117,7 +121,7 @@ class CropDataset(Dataset):
             raise ValueError(f"`min_scale` must be in (0, 1], got {min_scale}")
         self.source, self.size, self.train = source, size, train
         self.length = length if length is not None else len(source)
-        self.min_scale, self.seed = min_scale, seed
+        self.min_scale, self.seed, self.reduce = min_scale, seed, reduce
         self.bad_files = BadFiles("image")
 
     def __len__(self) -> int:
@@ -133,15 +137,17 @@ class CropDataset(Dataset):
         batch.skipped = self.bad_files.take_count()
         return batch
 
-    def _load(self, i: int) -> tuple[Image.Image, int]:
-        """Load image ``i``, or the next decodable one, warning once per bad file."""
-        return self.bad_files.first_readable(range(len(self.source)), i, self.source.load, self.source.names.__getitem__, self.source.describe())
-
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image, j = self._load(index % len(self.source))
         generator = None if self.train else torch.Generator().manual_seed(self.seed * 1_000_003 + index)
-        box = random_resized_box(image.width, image.height, self.min_scale, generator)
-        crop = image.resize((self.size, self.size), Image.BILINEAR, box=box)
+
+        def box_of(width: int, height: int) -> tuple[int, int, int, int]:
+            return random_resized_box(width, height, self.min_scale, generator)
+
+        # image `index`, or the next decodable one (a warning once per bad file)
+        crop, j = self.bad_files.first_readable(
+            range(len(self.source)), index % len(self.source), lambda k: self.source.crop(k, self.size, box_of, self.reduce),
+            self.source.names.__getitem__, self.source.describe(),
+        )
         array = np.array(crop, dtype=np.uint8)  # a writable copy
         if self.train and torch.rand(1).item() < 0.5:
             array = array[:, ::-1]

@@ -11,11 +11,12 @@ warning each, counted in ``train/skipped_files``; see
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
 import warnings
-import functools
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -110,17 +111,91 @@ class ImageSource:
     def load(self, i: int) -> Image.Image:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def crop(self, i: int, size: int, box_of: BoxOf, reduce: bool = True) -> Image.Image:
+        """Image ``i`` cropped to ``box_of(width, height)`` and resized (bilinear) to ``size`` × ``size``.
+
+        Sources that can decode at a reduced size (JPEG files) override this; ``reduce=False``
+        always decodes the whole image.
+        """
+        image = self.load(i)
+        return image.resize((size, size), Image.BILINEAR, box=box_of(image.width, image.height))
+
     def describe(self) -> str:  # pragma: no cover - abstract
         raise NotImplementedError
 
 
+#: EXIF orientations that turn the picture by 90° (width and height swap when displayed)
+_TRANSPOSING = (5, 6, 7, 8)
+
+#: ``box_of(width, height) -> (x0, y0, x1, y1)``: where to crop an image of that (displayed) size
+BoxOf = Callable[[int, int], tuple[int, int, int, int]]
+
+
+def orientation(image: Image.Image) -> int:
+    """The image's EXIF orientation tag (1 = as stored; phone photos often carry 6 or 8)."""
+    return int(image.getexif().get(0x0112, 1) or 1)
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Apply the EXIF orientation and convert grey, palette, RGBA, CMYK, 16-bit… to 8-bit RGB."""
-    image = ImageOps.exif_transpose(image)
+    """Apply the EXIF orientation and convert grey, palette, RGBA, CMYK, 16-bit… to 8-bit RGB.
+
+    An upright 8-bit RGB image is returned as it is (no copy: two full-image copies per image
+    were ~10 % of a worker's time); otherwise a new image.
+    """
+    if orientation(image) != 1:
+        image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16/32-bit greyscale: scale to 8 bits instead of letting convert() clip at 255
         image = image.point(lambda v: v / 256).convert("L")
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def decode_rgb(path: str | os.PathLike) -> Image.Image:
+    """The image file at ``path`` decoded as upright 8-bit RGB (see :func:`to_rgb`)."""
+    image = Image.open(path)
+    try:
+        image.load()
+        rgb = to_rgb(image)
+    finally:
+        if "rgb" not in locals() or rgb is not image:
+            image.close()
+    return rgb
+
+
+def crop_file(path: str | os.PathLike, size: int, box_of: BoxOf, reduce: bool = True) -> Image.Image:
+    """The image at ``path``, upright RGB, cropped to ``box_of(width, height)`` and resized
+    (bilinear) to ``size`` × ``size`` — decoded at reduced size where that is nearly free.
+
+    When the crop box is at least twice ``size`` on its shorter side and the file is a JPEG,
+    libjpeg's DCT scaling decodes it at 1/2, 1/4 or 1/8 of its size (the largest reduction that
+    keeps the box at least ``size`` pixels wide; Pillow's ``draft``), and the box is scaled
+    alike. That skips most of the decoding and most of the resize's work; the crop differs from
+    a full decode by the DCT's box filter in place of the first part of the bilinear
+    filter's antialiasing (``docs/benchmarks.md`` gives the measured difference). Smaller
+    reductions, other formats, files with an EXIF orientation other than upright, and
+    ``reduce=False`` decode fully: the crop is then exactly what a full decode gives.
+    """
+    image = Image.open(path)
+    try:
+        width, height = image.size
+        turn = orientation(image)
+        box = box_of(height, width) if turn in _TRANSPOSING else box_of(width, height)
+        shorter = min(box[2] - box[0], box[3] - box[1]) / size
+        scale = 1.0
+        # upright files only: a reduced image's last row/column covers a partial block, which a
+        # flip would move to the front and shift the box by a fraction of a pixel
+        if reduce and shorter >= 2 and image.format == "JPEG" and turn == 1:
+            step = 8 if shorter >= 8 else 4 if shorter >= 4 else 2
+            drafted = image.draft(None, (max(1, width // step), max(1, height // step)))
+            if drafted is not None:
+                scale = width / drafted[1][2]
+        image.load()
+        rgb = to_rgb(image)
+        if scale != 1.0:
+            box = tuple(v / scale for v in box)  # type: ignore[assignment]
+        return rgb.resize((size, size), Image.BILINEAR, box=box)
+    finally:
+        image.close()
 
 
 def find_files(root: Path, extensions: tuple[str, ...], kind: str) -> list[str]:
@@ -154,9 +229,11 @@ class ImageFolder(ImageSource):
         self.names = names
 
     def load(self, i: int) -> Image.Image:
-        with Image.open(self.root / self.names[i]) as image:
-            image.load()
-            return to_rgb(image)
+        return decode_rgb(self.root / self.names[i])
+
+    def crop(self, i: int, size: int, box_of: BoxOf, reduce: bool = True) -> Image.Image:
+        """Image ``i`` cropped and resized, JPEGs decoded at reduced size where the crop allows (see :func:`crop_file`)."""
+        return crop_file(self.root / self.names[i], size, box_of, reduce)
 
     def describe(self) -> str:
         return f"{len(self)} images under {self.root}"
