@@ -47,15 +47,23 @@ class BadFiles:
         n = len(items)
         for k in range(n):
             j = items[(start + k) % n]
-            if j in self.bad:
-                continue
-            try:
-                return load(j), j
-            except Exception as err:  # noqa: BLE001 - any decoder error means "skip this file"
-                self.bad.add(j)
-                self.newly_bad += 1
-                warnings.warn(f"skipping unreadable {self.kind} {name(j)!r}: {err}", stacklevel=3)
+            loaded = self.try_load(j, load, name)
+            if loaded is not None:
+                return loaded[0], j
         raise RuntimeError(f"none of the {n} {self.kind}s of {where} could be decoded (see the warnings)")
+
+    def try_load(self, j: int, load: Callable[[int], T], name: Callable[[int], str]) -> tuple[T] | None:
+        """``(load(j),)``, or ``None`` when item ``j`` is known bad or raises now (then it is
+        warned about, remembered and counted: once per worker process)."""
+        if j in self.bad:
+            return None
+        try:
+            return (load(j),)
+        except Exception as err:  # noqa: BLE001 - any decoder error means "skip this file"
+            self.bad.add(j)
+            self.newly_bad += 1
+            warnings.warn(f"skipping unreadable {self.kind} {name(j)!r}: {err}", stacklevel=4)
+            return None
 
     def take_count(self) -> int:
         """Items found bad since the last call (a collate function reports them per batch)."""
@@ -138,17 +146,29 @@ class CropDataset(Dataset):
         return batch
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        generator = None if self.train else torch.Generator().manual_seed(self.seed * 1_000_003 + index)
-
-        def box_of(width: int, height: int) -> tuple[int, int, int, int]:
-            return random_resized_box(width, height, self.min_scale, generator)
-
+        box_of = crop_boxes(self.train, self.min_scale, self.seed, index)
         # image `index`, or the next decodable one (a warning once per bad file)
         crop, j = self.bad_files.first_readable(
             range(len(self.source)), index % len(self.source), lambda k: self.source.crop(k, self.size, box_of, self.reduce),
             self.source.names.__getitem__, self.source.describe(),
         )
-        array = np.array(crop, dtype=np.uint8)  # a writable copy
-        if self.train and torch.rand(1).item() < 0.5:
-            array = array[:, ::-1]
-        return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).contiguous(), j
+        return crop_tensor(crop, self.train), j
+
+
+def crop_boxes(train: bool, min_scale: float, seed: int, index: int) -> Callable[[int, int], tuple[int, int, int, int]]:
+    """The crop box of sample ``index`` as a function of the image's size: random from torch's
+    RNG when training, else fixed by ``seed`` and ``index`` (validation sees the same crops)."""
+    generator = None if train else torch.Generator().manual_seed(seed * 1_000_003 + index)
+
+    def box_of(width: int, height: int) -> tuple[int, int, int, int]:
+        return random_resized_box(width, height, min_scale, generator)
+
+    return box_of
+
+
+def crop_tensor(crop: Image.Image, train: bool) -> torch.Tensor:
+    """A resized crop as ``uint8 (3, H, W)``, flipped left-right with probability 1/2 when training."""
+    array = np.array(crop, dtype=np.uint8)  # a writable copy
+    if train and torch.rand(1).item() < 0.5:
+        array = array[:, ::-1]
+    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).contiguous()

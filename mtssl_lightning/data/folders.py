@@ -29,6 +29,7 @@ from typing import Any
 
 from mtssl_lightning.data.screening import Screening, load_screening
 from mtssl_lightning.data.sources import ImageCheck, ImageFolder
+from mtssl_lightning.data.streaming import is_optimized
 from mtssl_lightning.data.video import VIDEO_EXTENSIONS, VideoFolder
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,20 @@ def holds_video_files(root: str | os.PathLike) -> bool:
         if any(f.lower().endswith(VIDEO_EXTENSIONS) for f in files):
             return True
     return False
+
+
+def folders_to_screen(
+    sources: set[str], image_roots: list[str | None], video_roots: list[str | None], image_check: ImageCheck
+) -> list[FolderId]:
+    """The folders a DataModule's tasks read that need a screen: image folders (``sources`` holds
+    ``images``, ``image_check`` is not ``none``; not optimized copies: they were screened when
+    written) and folders of video files (frame folders are probed cheaply when opened)."""
+    folders: list[FolderId] = []
+    if "images" in sources and image_check != "none":
+        folders += [("images", root) for root in image_roots if root is not None and not is_optimized(root)]
+    if "videos" in sources:
+        folders += [("videos", root) for root in video_roots if root is not None and holds_video_files(root)]
+    return folders
 
 
 @dataclass
@@ -71,17 +86,21 @@ class SharedScreenings:
     def screen(self, progress: bool = True) -> None:
         """Screen every folder in this process (``prepare_data``, or a single process's ``setup``)."""
         for kind, root in self.folders:
-            folder: ImageFolder | VideoFolder | None = None
-            try:
-                folder = ImageFolder(root) if kind == "images" else VideoFolder(root)
-                if kind == "images":
-                    result: Screening | BaseException = folder.screen(self.image_check, self.cache_dir, self.workers, progress)
-                else:
-                    result = folder.screen(self.cache_dir, self.workers, progress)
-            except Exception as err:  # noqa: BLE001 - raised on every rank in setup, see the module doc
-                result = err
-            self.results[(kind, root)] = (folder, result)
+            self.results[(kind, root)] = self._screen_one(kind, root, self.cache_dir, progress)
         self.screened_here = True
+
+    def _screen_one(
+        self, kind: str, root: str, cache_dir: Path | None, progress: bool
+    ) -> tuple[ImageFolder | VideoFolder | None, Screening | BaseException]:
+        """``(the folder, its screening)``, or ``(None or the folder, the error raised)`` (raised on every rank in setup)."""
+        folder: ImageFolder | VideoFolder | None = None
+        try:
+            folder = ImageFolder(root) if kind == "images" else VideoFolder(root)
+            if isinstance(folder, ImageFolder):
+                return folder, folder.screen(self.image_check, cache_dir, self.workers, progress)
+            return folder, folder.screen(cache_dir, self.workers, progress)
+        except Exception as err:  # noqa: BLE001 - see the module doc
+            return folder, err
 
     def announce(self) -> dict[FolderId, str | BaseException]:
         """What rank 0 broadcasts: each folder's listing key, or the error screening it raised."""
@@ -102,15 +121,8 @@ class SharedScreenings:
                     "node sees (a shared file system) so that only rank 0 screens.",
                     stacklevel=2,
                 )
-                folder = ImageFolder(root) if kind == "images" else VideoFolder(root)
-                try:
-                    if kind == "images":
-                        cached = folder.screen(self.image_check, None, self.workers, progress=False)
-                    else:
-                        cached = folder.screen(None, self.workers, progress=False)
-                except Exception as err:  # noqa: BLE001 - as on rank 0
-                    self.results[(kind, root)] = (None, err)
-                    continue
+                self.results[(kind, root)] = (None, self._screen_one(kind, root, None, progress=False)[1])
+                continue
             self.results[(kind, root)] = (None, cached)
 
     def share(self, trainer: Any) -> None:

@@ -18,12 +18,12 @@ import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import IO, Literal
 
 from PIL import Image, ImageOps
 
 from mtssl_lightning.data.sample import SAMPLE_VAL_NAMES, sample_images
-from mtssl_lightning.data.screening import Listing, Screening, list_files, screen_folder
+from mtssl_lightning.data.screening import Screening, list_files, listed, screen_folder
 
 log = logging.getLogger(__name__)
 
@@ -162,8 +162,8 @@ def decode_rgb(path: str | os.PathLike) -> Image.Image:
     return rgb
 
 
-def crop_file(path: str | os.PathLike, size: int, box_of: BoxOf, reduce: bool = True) -> Image.Image:
-    """The image at ``path``, upright RGB, cropped to ``box_of(width, height)`` and resized
+def crop_file(path: str | os.PathLike | IO[bytes], size: int, box_of: BoxOf, reduce: bool = True) -> Image.Image:
+    """The image at ``path`` (or in a binary file object), upright RGB, cropped to ``box_of(width, height)`` and resized
     (bilinear) to ``size`` × ``size`` — decoded at reduced size where that is nearly free.
 
     When the crop box is at least twice ``size`` on its shorter side and the file is a JPEG,
@@ -221,12 +221,7 @@ class ImageFolder(ImageSource):
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {str(self.root)!r} does not exist or is not a folder; set `data.image_root` to a folder of images")
         self.extensions = extensions
-        # the listing (sizes, mtimes) is what screening's cache is keyed by: kept to list only once
-        self._listing: Listing | None = None
-        if names is None:
-            self._listing = list_files(self.root, extensions, "image")
-            names = self._listing.names
-        self.names = names
+        self.names, self._listing = listed(self.root, names, extensions, "image")
 
     def load(self, i: int) -> Image.Image:
         return decode_rgb(self.root / self.names[i])

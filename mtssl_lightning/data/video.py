@@ -21,16 +21,15 @@ from __future__ import annotations
 import logging
 import math
 import os
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import av
 import numpy as np
 
 from mtssl_lightning.data.sample import sample_video_path
-from mtssl_lightning.data.screening import Listing, Screening, list_files, screen_folder
+from mtssl_lightning.data.screening import Screening, listed, screen_folder
 from mtssl_lightning.data.sources import screen
+from mtssl_lightning.data.video_probe import StreamInfo, UnusableVideo, stream_info, video_probe
 
 log = logging.getLogger(__name__)
 
@@ -160,70 +159,6 @@ class VideoSource:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _StreamInfo:
-    """What decoding one video file needs, probed once."""
-
-    total: int  # frames in the whole file
-    first_pts: int | None  # pts of the first decoded frame (frame 0)
-    ticks_per_frame: float | None  # pts units per frame; None = no usable timestamps, count frames
-    reorder: int  # largest pts - dts seen (pts units): how far a dts-indexed seek can land late
-    window: tuple[int, int]  # frames [lo, hi) of the file that this source uses
-
-
-class UnusableVideo(Exception):
-    """A video found unusable by a screening (the message is the reason, as reported)."""
-
-
-def stream_info(path: str) -> tuple[int, int | None, float | None, int]:
-    """``(frames, first pts, pts per frame, reorder)`` of the video file at ``path`` (see :class:`_StreamInfo`).
-
-    Decodes the first frame (proves the codec works) and reads the first packets' timestamps.
-
-    Raises:
-        ValueError: the file is empty, has no video stream or no decodable frame.
-        av.FFmpegError: the file cannot be opened or demuxed.
-    """
-    if os.stat(path).st_size == 0:
-        raise ValueError("empty file (0 bytes)")
-    with av.open(path) as container:
-        if not container.streams.video:
-            raise ValueError("no video stream")
-        stream = container.streams.video[0]
-        rate = stream.average_rate or stream.guessed_rate
-        first, reorder = None, 0
-        # decoding frame 0 proves the codec works and gives the first timestamp; the first
-        # packets also tell how far decode order (dts) runs ahead of display order (pts)
-        for count, packet in enumerate(container.demux(stream)):
-            if packet.pts is not None and packet.dts is not None:
-                reorder = max(reorder, packet.pts - packet.dts)
-            if first is None:
-                decoded = packet.decode()
-                first = decoded[0] if decoded else None
-            if first is not None and count >= 32:
-                break
-        if first is None:
-            raise ValueError("no decodable frame")
-        tpf = None
-        if first.pts is not None and rate and stream.time_base:
-            tpf = float(1 / (stream.time_base * rate))
-        total = stream.frames
-    if total <= 0:  # no count in the header (mkv, webm…): count the packets that carry a frame
-        with av.open(path) as container:
-            total = sum(1 for packet in container.demux(video=0) if packet.size > 0)
-    first_pts = first.pts if tpf is not None else None
-    return int(total), first_pts, tpf, int(reorder)
-
-
-def video_probe(path: str) -> tuple[str | None, list | None]:
-    """:func:`stream_info` in the form :func:`~mtssl_lightning.data.screening.screen_folder` runs in its
-    processes: ``(reason, None)`` for an unusable file, ``(None, [frames, first pts, pts per frame, reorder])``."""
-    try:
-        return None, list(stream_info(path))
-    except Exception as err:  # noqa: BLE001 - any failure means "unusable", and the reason is reported
-        return f"unreadable ({type(err).__name__}: {err})", None
-
-
 class _SeekMissed(Exception):
     """A seek failed (``frame`` = -1) or landed after the wanted frame (at ``frame``)."""
 
@@ -256,12 +191,8 @@ class VideoFolder(VideoSource):
             raise FileNotFoundError(f"video folder {str(self.root)!r} does not exist or is not a folder; set `data.video_root` to a folder of videos")
         self.frame_range = check_frame_range(frame_range)
         self.extensions = extensions
-        self._listing: Listing | None = None
-        if names is None:
-            self._listing = list_files(self.root, extensions, "video")
-            names = self._listing.names
-        self.names = names
-        self._info: dict[int, _StreamInfo] = {}
+        self.names, self._listing = listed(self.root, names, extensions, "video")
+        self._info: dict[int, StreamInfo] = {}
         self._stream: dict[int, tuple[int, int | None, float | None, int]] = {}  # probed, before the window
 
     def path(self, i: int) -> Path:
@@ -272,7 +203,7 @@ class VideoFolder(VideoSource):
         if i not in self._stream:
             self._stream[i] = stream_info(str(self.path(i)))
         total = self._stream[i][0]
-        self._info[i] = _StreamInfo(*self._stream[i], window=frame_window(total, self.frame_range))
+        self._info[i] = StreamInfo(*self._stream[i], window=frame_window(total, self.frame_range))
         lo, hi = self._info[i].window
         return hi - lo
 
@@ -342,7 +273,7 @@ class VideoFolder(VideoSource):
                     margin += 2 * (miss.frame - wanted[0] + 1) * tpf
         return np.stack(self._decode(i, info, wanted, None))
 
-    def _decode(self, i: int, info: _StreamInfo, wanted: list[int], seek_pts: int | None) -> list[np.ndarray]:
+    def _decode(self, i: int, info: StreamInfo, wanted: list[int], seek_pts: int | None) -> list[np.ndarray]:
         """Decode the ``wanted`` frame numbers of the file (ascending), after seeking to ``seek_pts``
         (``None``: from the start).
 
