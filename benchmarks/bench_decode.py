@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
         *rows,
         "",
         "DCT scaling only applies when the crop box is at least twice the output side; at the paper's sizes "
-        "(224–398 px crops from ~500×375 photos) it never is, and the gain is only the copies saved. "
+        "(224–398 px crops from ~500×375 photos) it seldom is (only large crops of the squarer photos, at 224 px), and the gain is mostly the copies saved. "
         "torchvision's `decode_jpeg` decodes the whole image and resizes in torch.",
         "",
         markdown,
