@@ -9,7 +9,7 @@ TF_VENV := .venv-tf
 TF_STAMP := $(TF_VENV)/.installed-stamp
 SLIM_REFERENCE := build/slim-reference
 
-.PHONY: install quickstart test test-fast bench clean slim-reference
+.PHONY: install quickstart test test-fast bench clean slim-reference gpu-wheels gpu-check
 
 install: $(STAMP)
 
@@ -43,6 +43,26 @@ $(SLIM_REFERENCE)/done: $(TF_STAMP) tests/slim/make_reference.py
 # every benchmark in turn; regenerates docs/benchmarks.md and docs/img/*.png (~15 min on 2 idle CPU cores)
 bench: install
 	$(BIN)/python -m benchmarks
+
+# The GPU check runs on a GPU machine's own Python (torch >= 2.11, no registry there): what that Python
+# lacks travels as wheels made here (requirements/gpu-wheels.txt; CPython 3.12, manylinux x86-64, ~8 MiB)
+GPU_WHEELS := build/gpu-wheels
+# this checkout's environment when there is one (here), else the machine's python3 (a GPU machine)
+GPU_PYTHON ?= $(shell test -x $(BIN)/python && echo $(BIN)/python || echo python3)
+
+gpu-wheels: $(GPU_WHEELS)/done
+
+$(GPU_WHEELS)/done: requirements/gpu-wheels.txt
+	rm -rf $(GPU_WHEELS)
+	$(PYTHON) -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: --python-version 3.12 \
+	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  --platform any -d $(GPU_WHEELS) -r requirements/gpu-wheels.txt
+	du -sh $(GPU_WHEELS) && ls $(GPU_WHEELS)
+	touch $@
+
+# one command, under 8 minutes on one H100/H200: writes the GPU section of docs/benchmarks.md and docs/gpu_check.json
+gpu-check:
+	$(GPU_PYTHON) benchmarks/gpu_check.py --wheels $(GPU_WHEELS)
 
 clean:
 	rm -rf runs wandb lightning_logs .pytest_cache $(SLIM_REFERENCE)

@@ -80,7 +80,7 @@ def time_steps(source: Path, config: Path, combine: str, steps: int) -> list[flo
     runner = config.parent / "_step_timer.py"
     runner.write_text(RUNNER)
     env = {"PYTHONPATH": f"{config.parent}:{source}", "WANDB_MODE": "disabled", "PATH": "/usr/bin:/bin"}
-    result = subprocess.run([sys.executable, str(runner), str(config), combine, str(steps)], cwd=source, env=env, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, str(runner), str(config), combine, str(steps)], cwd=config.parent, env=env, capture_output=True, text=True)
     lines = [line for line in result.stdout.splitlines() if line.startswith("TIMES ")]
     if result.returncode != 0 or not lines:
         raise RuntimeError(f"the run under {source} failed:\n{result.stderr[-3000:]}")
@@ -102,12 +102,12 @@ def main(argv: list[str] | None = None) -> None:
         baseline = tmp / "baseline"
         subprocess.run(["git", "worktree", "add", "--detach", str(baseline), baseline_rev], cwd=ROOT, check=True, capture_output=True)
         try:
-            (tmp / "config.yaml").write_text(CONFIG)
+            (tmp / "bench.yaml").write_text(CONFIG)
             for combine in ("sum", "alternate"):
                 times: dict[str, list[float]] = {"baseline": [], "this": []}
                 for _ in range(args.rounds):
                     for label, source in (("baseline", baseline), ("this", ROOT)):
-                        times[label] += time_steps(source, tmp / "config.yaml", combine, args.steps)[args.warmup:]
+                        times[label] += time_steps(source, tmp / "bench.yaml", combine, args.steps)[args.warmup:]
                 old, new = statistics.median(times["baseline"]), statistics.median(times["this"])
                 rows.append((combine, old, new, new / old, len(times["this"])))
                 print(f"{combine}: baseline {old:.0f} ms, this checkout {new:.0f} ms, ratio {new / old:.3f}", flush=True)

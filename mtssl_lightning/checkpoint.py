@@ -1,4 +1,6 @@
-"""Getting the pretrained trunk out of a checkpoint, safely (``weights_only=True``, no code runs)."""
+"""Checkpoints: what the pretraining module adds to them and reads back (:func:`save_run_state`,
+:func:`load_run_state`), and getting the pretrained trunk out of one, safely (``weights_only=True``,
+no code runs)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,44 @@ from torch import nn
 from mtssl_lightning.trunks.base import Trunk
 
 TRUNK_PREFIX = "trunk."
+
+
+def save_run_state(module: Any, checkpoint: dict[str, Any]) -> None:
+    """What :class:`~mtssl_lightning.MultiTaskSSL` adds to a Lightning checkpoint: the trunk's spec
+    (for :func:`load_trunk`), its step and bad-file counters, and torch's RNG states (dropout, and
+    data order in the main process), so that a resumed run continues as an uninterrupted one (task
+    inputs are seeded by the DataModule, whose state Lightning saves). Plain values and tensors
+    only, so checkpoints load with ``weights_only=True``."""
+    checkpoint["trunk_spec"] = module.trunk.spec()
+    checkpoint["mtssl_train_steps"] = module._train_steps
+    checkpoint["mtssl_skipped_files"] = module._skipped_files
+    checkpoint["mtssl_nonfinite_skipped"] = module._nonfinite_skipped
+    checkpoint["mtssl_rng"] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        checkpoint["mtssl_rng"]["cuda"] = torch.cuda.get_rng_state_all()
+
+
+def load_run_state(module: Any, checkpoint: dict[str, Any]) -> None:
+    """The counterpart of :func:`save_run_state`; rejects lasso mixers of the old design with the way out.
+
+    Raises:
+        ValueError: the checkpoint's lasso mixers normalise after the mix (before the redesign).
+    """
+    old_mixers = sorted(k for k in checkpoint.get("state_dict", {}) if k.startswith("mixers.") and ".norm." in k)
+    if old_mixers:
+        raise ValueError(
+            f"this checkpoint's lasso mixers ({old_mixers[0]} …) normalise after the mix, as before the lasso was "
+            "redesigned (mtssl_lightning/trunks/lasso.py): their α cannot be carried over. Its trunk still loads "
+            "with `mtssl_lightning.load_trunk(path)`; train the lasso model again, or resume it with `mixing: naive`."
+        )
+    module._train_steps = int(checkpoint.get("mtssl_train_steps", 0))
+    module._skipped_files = int(checkpoint.get("mtssl_skipped_files", 0))
+    module._nonfinite_skipped = int(checkpoint.get("mtssl_nonfinite_skipped", 0))
+    rng = checkpoint.get("mtssl_rng")
+    if rng is not None:
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(rng["cuda"])
 #: checkpoint key naming the state-dict prefix of the trunk's weights (default ``TRUNK_PREFIX``)
 TRUNK_PREFIX_KEY = "trunk_prefix"
 

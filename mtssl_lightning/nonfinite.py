@@ -114,7 +114,7 @@ class UpdateGuard:
             self._stopped = stopped | ~finite
         if snapshot is not None:
             for live, saved in zip(snapshot.tensors, snapshot.saved):
-                live.copy_(torch.where(ok, live, saved))
+                torch.where(ok, live, saved, out=live)  # in place: one pass, no temporary
             for optimizer, p in snapshot.fresh:
                 for key, value in optimizer.state.get(p, {}).items():
                     if key != "step" and isinstance(value, Tensor) and value.device == ok.device:

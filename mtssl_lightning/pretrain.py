@@ -32,6 +32,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
+from mtssl_lightning.checkpoint import load_run_state, save_run_state
 from mtssl_lightning.data.batch import TaskBatch
 from mtssl_lightning.device_scalars import DeviceScalars
 from mtssl_lightning.interfaces import TaskParallel, tasks_of_rank
@@ -288,6 +289,12 @@ class MultiTaskSSL(TaskStepping, pl.LightningModule):
         """
         self.log_dict(self.metrics[f"train_{name}"], on_step=False, on_epoch=True, batch_size=1)
 
+    def all_ranks_sum(self, tensor: Tensor) -> Tensor:
+        """``tensor`` summed over the ranks, on the device (no host read); itself on one process."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return tensor
+        return self.trainer.strategy.reduce(tensor.clone(), reduce_op="sum")
+
     def agreed(self, finite: Tensor) -> Tensor:
         """``finite`` (0-d bool on the device) on every rank: a device-side all-reduce (MIN), no host read."""
         if self._trainer is None or self.trainer.world_size == 1:
@@ -301,6 +308,8 @@ class MultiTaskSSL(TaskStepping, pl.LightningModule):
         self.last_batch_samples = sum(sub.samples for sub in present.values())
         for name, sub in present.items():  # state that belongs to the loss (colorization's bin prior)
             self.tasks[name].observe(sub)
+        for task in self.tasks.values():  # every task on every rank: a task may all-reduce what it observed
+            task.synchronize(self.all_ranks_sum)
         # files skipped by this rank's workers so far (warned about each), and non-finite updates found at the checks
         self.log_host_values({"train/skipped_files": self._skipped_files, "train/nonfinite_skipped": self._nonfinite_skipped})
         if self.mixing == "lasso":
@@ -377,23 +386,7 @@ class MultiTaskSSL(TaskStepping, pl.LightningModule):
 
     # ------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # plain strings/numbers/tensors only, so checkpoints load with weights_only=True
-        checkpoint["trunk_spec"] = self.trunk.spec()
-        checkpoint["mtssl_train_steps"] = self._train_steps
-        checkpoint["mtssl_skipped_files"] = self._skipped_files
-        checkpoint["mtssl_nonfinite_skipped"] = self._nonfinite_skipped
-        # torch's RNG states (dropout, and data order in the main process), so that a resumed run
-        # continues as an uninterrupted one; task inputs are seeded by the DataModule (its state)
-        checkpoint["mtssl_rng"] = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            checkpoint["mtssl_rng"]["cuda"] = torch.cuda.get_rng_state_all()
+        save_run_state(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._train_steps = int(checkpoint.get("mtssl_train_steps", 0))
-        self._skipped_files = int(checkpoint.get("mtssl_skipped_files", 0))
-        self._nonfinite_skipped = int(checkpoint.get("mtssl_nonfinite_skipped", 0))
-        rng = checkpoint.get("mtssl_rng")
-        if rng is not None:
-            torch.set_rng_state(rng["torch"])
-            if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
-                torch.cuda.set_rng_state_all(rng["cuda"])
+        load_run_state(self, checkpoint)

@@ -21,12 +21,11 @@ PICTURES = {"rp": "pairs", "col": "colorization", "ex": "views", "ms": "masks"}
 
 
 def _fit(tmp_path: Path, *extra: str):
-    config = (ROOT / "configs/pretrain/all_lasso.yaml").read_text()
+    # the experiment config stays in place: its `_base_` files are found relative to it
     tiny = re.sub(r"runs/tiny", str(tmp_path), (ROOT / "configs/tiny.yaml").read_text())
-    (tmp_path / "all_lasso.yaml").write_text(config)
     (tmp_path / "tiny.yaml").write_text(tiny)
     return run([
-        "fit", "--config", str(tmp_path / "all_lasso.yaml"), "--config", str(tmp_path / "tiny.yaml"),
+        "fit", "--config", str(ROOT / "configs/pretrain/all_lasso.yaml"), "--config", str(tmp_path / "tiny.yaml"),
         "--trainer.log_every_n_steps=1", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
         "--data.steps_per_epoch=2", "--data.val_samples=8", "--data.num_workers=0",
         "--model.init_args.grad_norm_every_n_steps=2",
@@ -63,6 +62,15 @@ def test_an_offline_run_holds_every_dashboard_metric_and_picture_and_a_resume_co
     for row in rows:
         if "perf/data_wait_share" in row:
             assert 0.0 <= row["perf/data_wait_share"] <= 1.0 and row["perf/samples_per_s"] > 0
+    # the lasso: every task starts from the same α (lasso_init: last) and reads its own mix after training
+    last = {task: {} for task in TASKS}
+    for row in rows:
+        for key, value in row.items():
+            if key.startswith("lasso/") and key.split("/")[1] in last and "/alpha_" in key:
+                last[key.split("/")[1]][key] = value
+    alphas = {task: np.array([v for _, v in sorted(last[task].items())]) for task in TASKS}
+    assert all(len(a) > 1 for a in alphas.values()), alphas
+    assert min(np.abs(alphas[a] - alphas[b]).max() for a in TASKS for b in TASKS if a < b) > 1e-4, alphas
     dashboard = render_dashboard(run_dir, tmp_path / "dashboard.png")
     assert dashboard.stat().st_size > 10_000
     config = read_config(run_dir)

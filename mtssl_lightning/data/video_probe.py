@@ -10,7 +10,18 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-import av
+
+def import_av():  # noqa: ANN202 - the PyAV module
+    """PyAV, imported when a video file is first opened: the package (and frame folders, which need
+    no PyAV) imports without it, e.g. on a GPU machine where it is not installed (``make gpu-check``)."""
+    try:
+        import av
+    except ImportError as err:  # pragma: no cover - PyAV is a dependency; only bare machines lack it
+        raise ImportError(
+            "decoding video files needs PyAV (`pip install av`); without it, use folders of extracted "
+            "frames as `data.video_root` (mtssl_lightning.data.frames.FrameFolder)"
+        ) from err
+    return av
 
 
 @dataclass(frozen=True)
@@ -39,7 +50,7 @@ def stream_info(path: str) -> tuple[int, int | None, float | None, int]:
     """
     if os.stat(path).st_size == 0:
         raise ValueError("empty file (0 bytes)")
-    with av.open(path) as container:
+    with import_av().open(path) as container:
         if not container.streams.video:
             raise ValueError("no video stream")
         stream = container.streams.video[0]
@@ -62,7 +73,7 @@ def stream_info(path: str) -> tuple[int, int | None, float | None, int]:
             tpf = float(1 / (stream.time_base * rate))
         total = stream.frames
     if total <= 0:  # no count in the header (mkv, webm…): count the packets that carry a frame
-        with av.open(path) as container:
+        with import_av().open(path) as container:
             total = sum(1 for packet in container.demux(video=0) if packet.size > 0)
     first_pts = first.pts if tpf is not None else None
     return int(total), first_pts, tpf, int(reorder)

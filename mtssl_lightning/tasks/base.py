@@ -24,6 +24,7 @@ Life of one training step for one task (see ``MultiTaskSSL`` and ``MultiTaskData
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -110,6 +111,14 @@ class Task(nn.Module, abc.ABC):
 
         Called by the LightningModule once per training batch of this task (not in validation).
         The base class has none; colorization counts its running bin prior here.
+        """
+
+    def synchronize(self, all_reduce: Callable[[Tensor], Tensor]) -> None:
+        """Make what :meth:`observe` gathered this step the same on every rank.
+
+        Called by the LightningModule once per training step for every task, on every rank (so a
+        task may run collectives: ``all_reduce`` sums a tensor over the ranks on the device, the
+        identity on one process). The base class has nothing to share.
         """
 
     def forward(self, features: Tensor, batch: TaskBatch) -> Tensor:

