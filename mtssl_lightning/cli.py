@@ -231,13 +231,18 @@ class MTSSLCLI(LightningCLI):
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``mtssl`` console script (``args`` replaces ``sys.argv[1:]``).
 
-    ``mtssl convert-slim …`` is a plain command, not a LightningCLI subcommand (no trainer).
+    ``mtssl convert-slim …`` and ``mtssl optimize-data SRC DST`` are plain commands, not
+    LightningCLI subcommands (no trainer).
     """
     argv = sys.argv[1:] if args is None else args
     if argv[:1] == ["convert-slim"]:
         from mtssl_lightning.slim.command import main as convert_slim_main
 
         raise SystemExit(convert_slim_main(argv[1:]))
+    if argv[:1] == ["optimize-data"]:
+        from mtssl_lightning.data.optimize import main as optimize_data_main
+
+        raise SystemExit(optimize_data_main(argv[1:]))
     run(args)
 
 

@@ -42,12 +42,15 @@ class ImageBatch:
             by the next good image, warned about once and is avoided from then on).
         position: index in its dataset of the batch's first sample (set by the DataModule's
             loaders, -1 otherwise); validation task inputs are seeded by it.
+        bad: indices of the images found undecodable while making this batch, when the loader
+            keeps them across passes (streamed copies, :class:`~mtssl_lightning.data.streaming.StreamingSteps`).
     """
 
     images: Tensor
     index: Tensor
     skipped: int = 0
     position: int = -1
+    bad: tuple[int, ...] = ()
 
     @staticmethod
     def collate(samples: list[tuple[Tensor, int]]) -> ImageBatch:

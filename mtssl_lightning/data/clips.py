@@ -15,6 +15,11 @@ from mtssl_lightning.data.video import VideoSource
 class ClipDataset(Dataset):
     """Clips of a video source, cropped and resized alike, as ``ClipBatch`` samples.
 
+    Every sample is a clip drawn uniformly over all the clips of the usable videos (a video with
+    twice the frames is drawn about twice as often; drawing videos uniformly would give a short
+    video's frames many times the weight of a long one's). With ``train`` the draws come from
+    torch's RNG (with replacement); otherwise from a generator seeded by ``seed`` and the index.
+
     A sample is ``(clip uint8 (T, 3, size, size), video index, start frame, mask)`` where the
     mask is the source's precomputed mask of the key frame ``start + (T // 2) * frame_stride``
     as uint8 ``(1, size, size)`` in {0, 1}, or ``None`` when the source has no masks. All frames
@@ -27,7 +32,7 @@ class ClipDataset(Dataset):
         size: output side in pixels.
         clip_length: frames per clip ``T``.
         frame_stride: frames between consecutive clip frames in the video.
-        length: samples per epoch (indices wrap around the usable videos); ``None`` = one per video.
+        length: samples per epoch; ``None`` = one per usable video.
         train: random starts, crops and flips from torch's RNG (seeded per worker by Lightning);
             otherwise start and crop are random but fixed per index (seeded by ``seed`` and
             the index) and there is no flip, so validation sees the same clips every epoch.
@@ -63,6 +68,8 @@ class ClipDataset(Dataset):
         self.span = (clip_length - 1) * frame_stride + 1  # frames of the video one clip covers
         self.videos = source.check(self.span)  # in the main process: bad files never reach workers
         self.length = length if length is not None else len(self.videos)
+        # clips (start frames) per usable video, cumulated: a uniform draw over them picks the video
+        self._clip_ends = np.cumsum([source.num_frames(j) - self.span + 1 for j in self.videos])
         self.min_scale, self.seed = min_scale, seed
         self.bad_files = BadFiles("video")
 
@@ -76,7 +83,7 @@ class ClipDataset(Dataset):
         return batch
 
     def _read(self, k: int, generator: torch.Generator | None) -> tuple[np.ndarray, np.ndarray | None, int, int]:
-        """Clip of usable video ``k``, or of the next readable one, warning once per bad video.
+        """A random clip of usable video ``k`` (uniform start), or of the next readable one, warning once per bad video.
 
         Returns ``(frames (T, H, W, 3), key-frame mask (H, W) or None, source index, start)``.
         """
@@ -100,7 +107,9 @@ class ClipDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int, torch.Tensor | None]:
         """Sample ``index``: ``(clip uint8 (T, 3, size, size), video index, start frame, mask uint8 (1, size, size) or None)``."""
         generator = None if self.train else torch.Generator().manual_seed(self.seed * 1_000_003 + index)
-        frames, mask, j, start = self._read(index % len(self.videos), generator)
+        clip = int(torch.randint(0, int(self._clip_ends[-1]), (1,), generator=generator).item())
+        k = int(np.searchsorted(self._clip_ends, clip, side="right"))  # the usable video holding that clip
+        frames, mask, j, start = self._read(k, generator)
         height, width = frames.shape[1:3]
         box = random_resized_box(width, height, self.min_scale, generator)
         out = np.empty((len(frames), self.size, self.size, 3), dtype=np.uint8)

@@ -6,35 +6,31 @@ from __future__ import annotations
 import logging
 import math
 import os
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader
 
-from mtssl_lightning.data.batch import ClipBatch, DataRequest, ImageBatch, TaskBatch
+from mtssl_lightning.data.batch import ClipBatch, DataRequest, ImageBatch
 from mtssl_lightning.data.clips import ClipDataset
 from mtssl_lightning.data.datasets import CropDataset
 from mtssl_lightning.data.device_decode import Decode, EncodedCropDataset, EncodedImageBatch, check_decode, decode_batch
-from mtssl_lightning.data.loading import (
-    IdleLoader,
-    Positions,
-    ReleasingCombinedLoader,
-    init_worker,
-    open_video_source,
-    split_workers,
-    task_seed,
-)
+from mtssl_lightning.data.folders import SharedScreenings, folders_to_screen
+from mtssl_lightning.data.loading import IdleLoader, ReleasingCombinedLoader, open_video_source, split_workers, task_loader
 from mtssl_lightning.data.sampler import TaskSampler, TaskSamplerProvider
 from mtssl_lightning.data.sources import ImageCheck, ImageFolder, ImageSource, SampleImages
+from mtssl_lightning.data.streaming import OptimizedImages, StreamingSteps, is_optimized, open_optimized
+from mtssl_lightning.data.task_inputs import RawBatch, TaskBatches, TaskInputs
 from mtssl_lightning.data.video import SampleVideos, VideoSource
 from mtssl_lightning.interfaces import tasks_of_rank
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from mtssl_lightning.data.streaming_crops import StreamingCrops
 
-#: what the loaders deliver for one task, and what its sampler makes of it on the device
-RawBatch = ImageBatch | ClipBatch | EncodedImageBatch
-TaskBatches = dict[str, TaskBatch | None]
+log = logging.getLogger(__name__)
 
 #: default clips per validation video (and per training video for the default epoch length)
 CLIPS_PER_VIDEO = 8
@@ -60,8 +56,10 @@ class MultiTaskDataModule(pl.LightningDataModule):
     (call ``super()`` for the task batches).
 
     Args:
-        image_root: folder of images (recursive, any layout, ImageNet's included); ``None``
-            uses the bundled sample photos (scikit-image + scikit-learn, no download).
+        image_root: folder of images (recursive, any layout, ImageNet's included), or an optimized
+            copy written by ``mtssl optimize-data`` (a folder or URL, streamed with LitData: see
+            :mod:`~mtssl_lightning.data.streaming`); ``None`` uses the bundled sample photos
+            (scikit-image + scikit-learn, no download).
         val_root: separate validation folder; ``None`` splits ``val_fraction`` of
             ``image_root`` off deterministically (the sample photos have a fixed split).
         val_fraction: share of ``image_root`` held out when ``val_root`` is not given.
@@ -72,12 +70,16 @@ class MultiTaskDataModule(pl.LightningDataModule):
         video_val_root: separate validation videos; ``None`` holds out the last
             ``video_val_fraction`` of every video's frames (a split in time).
         video_val_fraction: share of each video's frames held out when ``video_val_root`` is not given.
-        image_check: how image folders are screened before training (main process, every
-            file): ``header`` (default: opens each file's header — catches empty files,
+        image_check: how image folders are screened before training (once per job, every
+            file, see ``cache_dir``): ``header`` (default: opens each file's header — catches empty files,
             non-images, unknown formats), ``decode`` (decodes every image — also catches
             truncated or corrupt pixel data; slow on large folders) or ``none``. Files that pass
             and still fail to decode are skipped by the workers (a warning each, counted in
             ``train/skipped_files``). Videos are always probed (frame counts are needed).
+        cache_dir: where screenings are cached, keyed by each folder's listing (names, sizes,
+            mtimes): a resume or another rank reads them instead of screening; only changed files
+            are probed again. ``None``: ``<trainer.default_root_dir>/data-cache`` (no cache without a trainer).
+        screen_workers: processes that screen (``None``: the cores this process may use).
         steps_per_epoch: training batches per epoch (every task gets that many); ``None`` =
             one pass over the training images at the largest task batch size.
         val_samples: validation crops (or clips) per task (fixed crops of the validation images,
@@ -117,6 +119,8 @@ class MultiTaskDataModule(pl.LightningDataModule):
         video_val_root: str | None = None,
         video_val_fraction: float = 0.2,
         image_check: ImageCheck = "header",
+        cache_dir: str | None = None,
+        screen_workers: int | None = None,
         steps_per_epoch: int | None = None,
         val_samples: int | None = None,
         min_scale: float = 0.2,
@@ -138,16 +142,19 @@ class MultiTaskDataModule(pl.LightningDataModule):
             raise ValueError(f"`image_check` must be 'header', 'decode' or 'none', got {image_check!r}")
         self.image_check = image_check
         self.decode = check_decode(decode)
+        self.cache_dir, self.screen_workers = cache_dir, screen_workers
+        self._screenings: SharedScreenings | None = None
+        # one process screens (global rank 0, see prepare_data); the others read its cache
+        self.prepare_data_per_node = False
         self.image_root, self.val_root, self.val_fraction = image_root, val_root, val_fraction
         self.video_root, self.video_val_root, self.video_val_fraction = video_root, video_val_root, video_val_fraction
         self.steps_per_epoch, self.val_samples = steps_per_epoch, val_samples
         self.min_scale, self.num_workers, self.pin_memory, self.seed = min_scale, num_workers, pin_memory, seed
         self.val_seed = val_seed
         self._samplers = dict(samplers) if samplers is not None else None
-        self._train_batches = 0  # training batches built (seeds the next one's task randomness)
-        self._generators: dict[torch.device, torch.Generator] = {}
-        self.train_images: ImageSource | None = None
-        self.val_images: ImageSource | None = None
+        self._inputs = TaskInputs()  # builds the task batches on the device; counts training batches
+        self.train_images: ImageSource | OptimizedImages | None = None
+        self.val_images: ImageSource | OptimizedImages | None = None
         self.train_videos: VideoSource | None = None
         self.val_videos: VideoSource | None = None
 
@@ -186,6 +193,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
         if self.train_images is not None or self.train_videos is not None:
             return
         requests = self.requests
+        self._share_screenings()
         if any(r.source == "images" for r in requests.values()):
             self._setup_images()
         video_tasks = [name for name, request in requests.items() if request.source == "videos"]
@@ -193,15 +201,18 @@ class MultiTaskDataModule(pl.LightningDataModule):
             self._setup_videos(video_tasks)
 
     def _setup_images(self) -> None:
-        if self.image_root is None:
+        if is_optimized(self.image_root):
+            assert self.image_root is not None
+            self.train_images, self.val_images = open_optimized(self.image_root, self.val_root, self._usable_images)
+        elif self.image_root is None:
             self.train_images, self.val_images = SampleImages("train"), SampleImages("val")
         elif self.val_root is not None:
             # screened before any worker starts: unusable files are warned about and counted here
-            self.train_images = ImageFolder(self.image_root).check(self.image_check)
-            self.val_images = ImageFolder(self.val_root).check(self.image_check)
+            self.train_images = self._usable_images(self.image_root)
+            self.val_images = self._usable_images(self.val_root)
         else:
             # the split hashes names, so screening first never moves a good image between the splits
-            self.train_images, self.val_images = ImageFolder(self.image_root).check(self.image_check).split(self.val_fraction)
+            self.train_images, self.val_images = self._usable_images(self.image_root).split(self.val_fraction)
         log.info("training on %s; validating on %s", self.train_images.describe(), self.val_images.describe())
 
     def _setup_videos(self, video_tasks: list[str]) -> None:
@@ -213,12 +224,51 @@ class MultiTaskDataModule(pl.LightningDataModule):
                 )
             self.train_videos, self.val_videos = SampleVideos("train"), SampleVideos("val")
         elif self.video_val_root is not None:
-            self.train_videos, self.val_videos = open_video_source(self.video_root), open_video_source(self.video_val_root)
+            self.train_videos, self.val_videos = self._video_source(self.video_root), self._video_source(self.video_val_root)
         else:
             split = 1.0 - self.video_val_fraction
-            self.train_videos = open_video_source(self.video_root, (0.0, split))
-            self.val_videos = open_video_source(self.video_root, (split, 1.0))
+            self.train_videos = self._video_source(self.video_root, (0.0, split))
+            self.val_videos = self._video_source(self.video_root, (split, 1.0))
         log.info("video tasks %s train on %s; validate on %s", video_tasks, self.train_videos.describe(), self.val_videos.describe())
+
+    # ------------------------------------------------- screening: once per job, shared by all ranks
+    def prepare_data(self) -> None:
+        """Screen the image and video folders the tasks read (:class:`~mtssl_lightning.data.folders.SharedScreenings`).
+
+        Lightning runs this on global rank 0 only, before any rank's :meth:`setup`, the other ranks
+        waiting without timeout; the result goes to the cache file, which :meth:`setup` hands to
+        every rank. Problems with the data are raised in every rank's :meth:`setup`, not here.
+        """
+        self._screenings = self._new_screenings()
+        self._screenings.screen()
+
+    def _screen_cache_dir(self) -> Path | None:
+        if self.cache_dir is not None:
+            return Path(self.cache_dir).expanduser()
+        return Path(self.trainer.default_root_dir) / "data-cache" if self.trainer is not None else None
+
+    def _new_screenings(self) -> SharedScreenings:
+        """The folders of the tasks' sources that need a screen (:func:`~mtssl_lightning.data.folders.folders_to_screen`)."""
+        images = [self.image_root, self.val_root] if self.image_root is not None else []
+        videos = [self.video_root, self.video_val_root] if self.video_root is not None else []
+        folders = folders_to_screen({r.source for r in self.requests.values()}, images, videos, self.image_check)
+        return SharedScreenings(folders, self.image_check, self._screen_cache_dir(), self.screen_workers)
+
+    def _share_screenings(self) -> None:
+        if self._screenings is None:
+            self._screenings = self._new_screenings()
+        self._screenings.share(self.trainer)
+
+    def _usable_images(self, root: str) -> ImageFolder:
+        if self.image_check == "none":
+            return ImageFolder(root)
+        assert self._screenings is not None
+        return self._screenings.images(root)
+
+    def _video_source(self, root: str, frame_range: tuple[float, float] = (0.0, 1.0)) -> VideoSource:
+        if self._screenings is not None and ("videos", root) in self._screenings.results:
+            return self._screenings.videos(root, frame_range)
+        return open_video_source(root, frame_range)
 
     # ------------------------------------------------------------ dataloaders
     def _source(self, request: DataRequest, train: bool) -> ImageSource | VideoSource:
@@ -235,7 +285,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
         """Default samples per pass: one crop per image, :data:`CLIPS_PER_VIDEO` clips per video."""
         return len(source) * (CLIPS_PER_VIDEO if isinstance(source, VideoSource) else 1)
 
-    def _dataset(self, request: DataRequest, length: int | None, train: bool) -> CropDataset | ClipDataset:
+    def _dataset(self, request: DataRequest, length: int | None, train: bool) -> CropDataset | ClipDataset | StreamingCrops:
         """Crops of the images, or clips of the videos, for one task (``length`` ``None`` = :meth:`_samples_in`).
 
         A validation set whose last batch would hold a single sample loses that sample: a batch
@@ -247,6 +297,8 @@ class MultiTaskDataModule(pl.LightningDataModule):
         if not train and length > 1 and length % request.batch_size == 1:
             length -= 1
         min_scale = self.min_scale if request.min_scale is None else request.min_scale  # a task's own crop scale wins
+        if isinstance(source, OptimizedImages):
+            return source.crops(request.image_size, length, train, min_scale, self.seed)
         if isinstance(source, VideoSource):
             return ClipDataset(
                 source, request.image_size, request.clip_length, request.frame_stride, length, train, min_scale, self.seed
@@ -261,20 +313,9 @@ class MultiTaskDataModule(pl.LightningDataModule):
         work = [float(requests[n].batch_size * (requests[n].clip_length if requests[n].source == "videos" else 1)) for n in names]
         return dict(zip(names, split_workers(self.num_workers, work)))
 
-    def _loader(self, dataset: CropDataset | ClipDataset, batch_size: int, train: bool, workers: int) -> DataLoader:
-        dataset = Positions(dataset)
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=train,
-            drop_last=train,
-            num_workers=workers,
-            # training workers stay for the next epoch; validation's exist only while it runs
-            persistent_workers=train and workers > 0,
-            pin_memory=torch.cuda.is_available() if self.pin_memory is None else self.pin_memory,
-            collate_fn=dataset.collate,  # counts the files the worker had to skip
-            worker_init_fn=init_worker,
-        )
+    def _loader(self, dataset: CropDataset | ClipDataset | StreamingCrops, batch_size: int, train: bool, workers: int) -> DataLoader | StreamingSteps:
+        world = self.trainer.world_size if self.trainer is not None else 1
+        return task_loader(dataset, batch_size, train, workers, self.pin_memory, world)
 
     def train_dataloader(self) -> CombinedLoader:
         """``{task: loader}`` of every task; under a task-parallel strategy the tasks this rank
@@ -324,42 +365,10 @@ class MultiTaskDataModule(pl.LightningDataModule):
         """The seed of training batches' task randomness: ``seed_everything``'s (``PL_GLOBAL_SEED``), else ``seed``."""
         return int(os.environ.get("PL_GLOBAL_SEED", self.seed))
 
-    def _generator(self, device: torch.device, seed: int) -> torch.Generator:
-        """This DataModule's generator on ``device``, reseeded (a host-side call: nothing waits)."""
-        generator = self._generators.get(device)
-        if generator is None:
-            generator = self._generators[device] = torch.Generator(device=device)
-        return generator.manual_seed(seed)
-
     def build(self, batch: dict[str, RawBatch | None], training: bool, rank: int = 0) -> TaskBatches:
-        """Each task's inputs and targets from the loaders' ``{task: raw batch}``, on the batch's device.
-
-        All task randomness comes from one generator on that device, seeded per batch (see
-        ``val_seed``): training batches from the run seed, ``rank`` and the number of training
-        batches built so far; evaluation batches (``training=False``) from ``val_seed``, ``rank``
-        and the batch's position in the validation set. Tasks whose loader is exhausted (``None``)
-        stay ``None``. Never runs under autocast (the inputs are built in float32).
-        """
-        batch = self.decode_on_device(batch)
-        present = [(name, raw) for name, raw in batch.items() if raw is not None]
-        if not present:
-            return dict.fromkeys(batch)
-        name, first = present[0]
-        device = first.images.device if isinstance(first, ImageBatch) else first.clips.device
-        if torch.is_autocast_enabled(device.type):
-            raise RuntimeError("task inputs must not be built under autocast (float32 targets and inputs)")
-        if training:
-            seed = task_seed(self.run_seed(), rank, self._train_batches)
-            self._train_batches += 1
-        else:
-            seed = task_seed(self.val_seed, rank, max(first.position, 0) // self.samplers[name].batch_size)
-        generator = self._generator(device, seed)
-        # in task order (the samplers'), so that the random streams do not depend on the loaders' order
-        return {
-            task: None if batch.get(task) is None else sampler.prepare(batch[task], generator)
-            for task, sampler in self.samplers.items()
-            if task in batch
-        }
+        """Each task's inputs and targets from the loaders' ``{task: raw batch}``, on the batch's device,
+        with task randomness seeded per batch (:class:`~mtssl_lightning.data.task_inputs.TaskInputs`)."""
+        return self._inputs.build(self.samplers, self.decode_on_device(batch), training, rank, self.run_seed(), self.val_seed)
 
     @staticmethod
     def decode_on_device(batch: dict[str, RawBatch | None]) -> dict[str, ImageBatch | ClipBatch | None]:
@@ -369,10 +378,10 @@ class MultiTaskDataModule(pl.LightningDataModule):
 
     def state_dict(self) -> dict[str, int]:
         """Saved in checkpoints: the number of training batches built (resumed runs draw the same task inputs)."""
-        return {"train_batches": self._train_batches}
+        return {"train_batches": self._inputs.train_batches}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        self._train_batches = int(state_dict.get("train_batches", 0))
+        self._inputs.train_batches = int(state_dict.get("train_batches", 0))
 
     def on_after_batch_transfer(self, batch: object, dataloader_idx: int) -> object:
         """Turn the transferred raw batch into ready task batches (see :meth:`build`).

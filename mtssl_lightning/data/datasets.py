@@ -47,15 +47,23 @@ class BadFiles:
         n = len(items)
         for k in range(n):
             j = items[(start + k) % n]
-            if j in self.bad:
-                continue
-            try:
-                return load(j), j
-            except Exception as err:  # noqa: BLE001 - any decoder error means "skip this file"
-                self.bad.add(j)
-                self.newly_bad += 1
-                warnings.warn(f"skipping unreadable {self.kind} {name(j)!r}: {err}", stacklevel=3)
+            loaded = self.try_load(j, load, name)
+            if loaded is not None:
+                return loaded[0], j
         raise RuntimeError(f"none of the {n} {self.kind}s of {where} could be decoded (see the warnings)")
+
+    def try_load(self, j: int, load: Callable[[int], T], name: Callable[[int], str]) -> tuple[T] | None:
+        """``(load(j),)``, or ``None`` when item ``j`` is known bad or raises now (then it is
+        warned about, remembered and counted: once per worker process)."""
+        if j in self.bad:
+            return None
+        try:
+            return (load(j),)
+        except Exception as err:  # noqa: BLE001 - any decoder error means "skip this file"
+            self.bad.add(j)
+            self.newly_bad += 1
+            warnings.warn(f"skipping unreadable {self.kind} {name(j)!r}: {err}", stacklevel=4)
+            return None
 
     def take_count(self) -> int:
         """Items found bad since the last call (a collate function reports them per batch)."""
@@ -100,6 +108,9 @@ class CropDataset(Dataset):
             ``seed`` and the index), so validation sees the same crops every epoch.
         min_scale: smallest crop area as a fraction of the image.
         seed: base seed of the fixed (validation) crops.
+        reduce: let the source decode at reduced size when the crop is shrunk ≥ 2× (JPEG DCT
+            scaling, see :func:`~mtssl_lightning.data.sources.crop_file`); ``False`` decodes
+            every image fully.
     """
 
     def __init__(
@@ -110,6 +121,7 @@ class CropDataset(Dataset):
         train: bool = True,
         min_scale: float = 0.2,
         seed: int = 0,
+        reduce: bool = True,
     ) -> None:
         if len(source) == 0:
             raise ValueError(f"no images in {source.describe()}")
@@ -117,7 +129,7 @@ class CropDataset(Dataset):
             raise ValueError(f"`min_scale` must be in (0, 1], got {min_scale}")
         self.source, self.size, self.train = source, size, train
         self.length = length if length is not None else len(source)
-        self.min_scale, self.seed = min_scale, seed
+        self.min_scale, self.seed, self.reduce = min_scale, seed, reduce
         self.bad_files = BadFiles("image")
 
     def __len__(self) -> int:
@@ -133,16 +145,30 @@ class CropDataset(Dataset):
         batch.skipped = self.bad_files.take_count()
         return batch
 
-    def _load(self, i: int) -> tuple[Image.Image, int]:
-        """Load image ``i``, or the next decodable one, warning once per bad file."""
-        return self.bad_files.first_readable(range(len(self.source)), i, self.source.load, self.source.names.__getitem__, self.source.describe())
-
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image, j = self._load(index % len(self.source))
-        generator = None if self.train else torch.Generator().manual_seed(self.seed * 1_000_003 + index)
-        box = random_resized_box(image.width, image.height, self.min_scale, generator)
-        crop = image.resize((self.size, self.size), Image.BILINEAR, box=box)
-        array = np.array(crop, dtype=np.uint8)  # a writable copy
-        if self.train and torch.rand(1).item() < 0.5:
-            array = array[:, ::-1]
-        return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).contiguous(), j
+        box_of = crop_boxes(self.train, self.min_scale, self.seed, index)
+        # image `index`, or the next decodable one (a warning once per bad file)
+        crop, j = self.bad_files.first_readable(
+            range(len(self.source)), index % len(self.source), lambda k: self.source.crop(k, self.size, box_of, self.reduce),
+            self.source.names.__getitem__, self.source.describe(),
+        )
+        return crop_tensor(crop, self.train), j
+
+
+def crop_boxes(train: bool, min_scale: float, seed: int, index: int) -> Callable[[int, int], tuple[int, int, int, int]]:
+    """The crop box of sample ``index`` as a function of the image's size: random from torch's
+    RNG when training, else fixed by ``seed`` and ``index`` (validation sees the same crops)."""
+    generator = None if train else torch.Generator().manual_seed(seed * 1_000_003 + index)
+
+    def box_of(width: int, height: int) -> tuple[int, int, int, int]:
+        return random_resized_box(width, height, min_scale, generator)
+
+    return box_of
+
+
+def crop_tensor(crop: Image.Image, train: bool) -> torch.Tensor:
+    """A resized crop as ``uint8 (3, H, W)``, flipped left-right with probability 1/2 when training."""
+    array = np.array(crop, dtype=np.uint8)  # a writable copy
+    if train and torch.rand(1).item() < 0.5:
+        array = array[:, ::-1]
+    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).contiguous()

@@ -8,18 +8,23 @@ import os
 import signal
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from lightning.fabric.utilities.seed import pl_worker_init_function
 from lightning.pytorch.utilities import CombinedLoader
-from torch.utils.data import Dataset
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from mtssl_lightning.data.batch import ClipBatch, ImageBatch
 from mtssl_lightning.data.clips import ClipDataset
 from mtssl_lightning.data.datasets import CropDataset
 from mtssl_lightning.data.frames import FrameFolder
 from mtssl_lightning.data.video import VIDEO_EXTENSIONS, VideoFolder, VideoSource
+
+if TYPE_CHECKING:
+    from mtssl_lightning.data.streaming import StreamingSteps
+    from mtssl_lightning.data.streaming_crops import StreamingCrops
 
 __all__ = [
     "IdleLoader",
@@ -28,6 +33,7 @@ __all__ = [
     "init_worker",
     "open_video_source",
     "split_workers",
+    "task_loader",
     "task_seed",
 ]
 
@@ -156,3 +162,31 @@ def open_video_source(root: str, frame_range: tuple[float, float] = (0.0, 1.0)) 
         if any(f.lower().endswith(VIDEO_EXTENSIONS) for f in files):
             return VideoFolder(path, frame_range=frame_range)
     return FrameFolder(path, frame_range=frame_range)
+
+
+def task_loader(
+    dataset: CropDataset | ClipDataset | StreamingCrops, batch_size: int, train: bool, workers: int, pin_memory: bool | None, world: int = 1
+) -> DataLoader | StreamingSteps:
+    """One task's loader: a ``DataLoader`` (shuffled, full batches when training) of a folder's
+    crops or clips, or the LitData loader of an optimized copy's crops (:func:`~mtssl_lightning.data.streaming.streaming_loader`).
+
+    Training workers stay for the next epoch; validation's exist only while it runs.
+    ``pin_memory`` ``None`` pins only when CUDA is available.
+    """
+    pin = torch.cuda.is_available() if pin_memory is None else pin_memory
+    if isinstance(dataset, IterableDataset):  # an optimized copy's StreamingCrops
+        from mtssl_lightning.data.streaming import streaming_loader
+
+        return streaming_loader(dataset, batch_size, train, workers, pin, world, init_worker)
+    positioned = Positions(dataset)
+    return DataLoader(
+        positioned,
+        batch_size=batch_size,
+        shuffle=train,
+        drop_last=train,
+        num_workers=workers,
+        persistent_workers=train and workers > 0,
+        pin_memory=pin,
+        collate_fn=positioned.collate,  # counts the files the worker had to skip
+        worker_init_fn=init_worker,
+    )

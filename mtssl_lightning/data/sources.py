@@ -1,26 +1,29 @@
 """Image sources: where pictures come from (a folder tree, or the bundled sample photos).
 
 A source is a list of named items with a ``load(i)`` that returns a PIL RGB image. Bad files
-are dealt with twice: :meth:`ImageSource.check` screens every file in the main process before
-training (one warning per unusable file, one count in the log, an error naming the folder when
-nothing is usable), and the DataLoader workers skip any file that still fails to decode (a
+are dealt with twice: :meth:`ImageFolder.check` screens every file before training, once per job
+and cached (:mod:`~mtssl_lightning.data.screening`; one warning per unusable file, one count in
+the log, an error naming the folder when nothing is usable), and the DataLoader workers skip any
+file that still fails to decode (a
 warning each, counted in ``train/skipped_files``; see
 :class:`~mtssl_lightning.data.datasets.CropDataset`). Video sources follow the same pattern.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import IO, Literal
 
 from PIL import Image, ImageOps
 
 from mtssl_lightning.data.sample import SAMPLE_VAL_NAMES, sample_images
+from mtssl_lightning.data.screening import Screening, list_files, listed, screen_folder
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +74,14 @@ def screen(
     return usable
 
 
-def probe_image(path: Path, mode: ImageCheck = "header") -> str | None:
+def probe_image(path: str | os.PathLike, mode: ImageCheck = "header") -> str | None:
     """Why the image file at ``path`` is unusable, or ``None`` when it is fine.
 
     ``header`` parses the header only (size and format); ``decode`` also decodes the pixels and
     converts them to RGB, as training would.
     """
     try:
-        if path.stat().st_size == 0:
+        if os.stat(path).st_size == 0:
             return "empty file (0 bytes)"
         with Image.open(path) as image:
             width, height = image.size
@@ -92,6 +95,11 @@ def probe_image(path: Path, mode: ImageCheck = "header") -> str | None:
     return None
 
 
+def image_probe(path: str, mode: ImageCheck = "header") -> tuple[str | None, None]:
+    """:func:`probe_image` in the form :func:`~mtssl_lightning.data.screening.screen_folder` runs in its processes."""
+    return probe_image(path, mode), None
+
+
 class ImageSource:
     """A sequence of images: ``len(source)``, ``source.names[i]``, ``source.load(i)``."""
 
@@ -103,32 +111,100 @@ class ImageSource:
     def load(self, i: int) -> Image.Image:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def crop(self, i: int, size: int, box_of: BoxOf, reduce: bool = True) -> Image.Image:
+        """Image ``i`` cropped to ``box_of(width, height)`` and resized (bilinear) to ``size`` × ``size``.
+
+        Sources that can decode at a reduced size (JPEG files) override this; ``reduce=False``
+        always decodes the whole image.
+        """
+        image = self.load(i)
+        return image.resize((size, size), Image.BILINEAR, box=box_of(image.width, image.height))
+
     def describe(self) -> str:  # pragma: no cover - abstract
         raise NotImplementedError
 
 
+#: EXIF orientations that turn the picture by 90° (width and height swap when displayed)
+_TRANSPOSING = (5, 6, 7, 8)
+
+#: ``box_of(width, height) -> (x0, y0, x1, y1)``: where to crop an image of that (displayed) size
+BoxOf = Callable[[int, int], tuple[int, int, int, int]]
+
+
+def orientation(image: Image.Image) -> int:
+    """The image's EXIF orientation tag (1 = as stored; phone photos often carry 6 or 8)."""
+    return int(image.getexif().get(0x0112, 1) or 1)
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Apply the EXIF orientation and convert grey, palette, RGBA, CMYK, 16-bit… to 8-bit RGB."""
-    image = ImageOps.exif_transpose(image)
+    """Apply the EXIF orientation and convert grey, palette, RGBA, CMYK, 16-bit… to 8-bit RGB.
+
+    An upright 8-bit RGB image is returned as it is (no copy: two full-image copies per image
+    were ~10 % of a worker's time); otherwise a new image.
+    """
+    if orientation(image) != 1:
+        image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16/32-bit greyscale: scale to 8 bits instead of letting convert() clip at 255
         image = image.point(lambda v: v / 256).convert("L")
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def decode_rgb(path: str | os.PathLike) -> Image.Image:
+    """The image file at ``path`` decoded as upright 8-bit RGB (see :func:`to_rgb`)."""
+    image = Image.open(path)
+    try:
+        image.load()
+        rgb = to_rgb(image)
+    finally:
+        if "rgb" not in locals() or rgb is not image:
+            image.close()
+    return rgb
+
+
+def crop_file(path: str | os.PathLike | IO[bytes], size: int, box_of: BoxOf, reduce: bool = True) -> Image.Image:
+    """The image at ``path`` (or in a binary file object), upright RGB, cropped to ``box_of(width, height)`` and resized
+    (bilinear) to ``size`` × ``size`` — decoded at reduced size where that is nearly free.
+
+    When the crop box is at least twice ``size`` on its shorter side and the file is a JPEG,
+    libjpeg's DCT scaling decodes it at 1/2, 1/4 or 1/8 of its size (the largest reduction that
+    keeps the box at least ``size`` pixels wide; Pillow's ``draft``), and the box is scaled
+    alike. That skips most of the decoding and most of the resize's work; the crop differs from
+    a full decode by the DCT's box filter in place of the first part of the bilinear
+    filter's antialiasing (``docs/benchmarks.md`` gives the measured difference). Smaller
+    reductions, other formats, files with an EXIF orientation other than upright, and
+    ``reduce=False`` decode fully: the crop is then exactly what a full decode gives.
+    """
+    image = Image.open(path)
+    try:
+        width, height = image.size
+        turn = orientation(image)
+        box = box_of(height, width) if turn in _TRANSPOSING else box_of(width, height)
+        shorter = min(box[2] - box[0], box[3] - box[1]) / size
+        scale = 1.0
+        # upright files only: a reduced image's last row/column covers a partial block, which a
+        # flip would move to the front and shift the box by a fraction of a pixel
+        if reduce and shorter >= 2 and image.format == "JPEG" and turn == 1:
+            step = 8 if shorter >= 8 else 4 if shorter >= 4 else 2
+            drafted = image.draft(None, (max(1, width // step), max(1, height // step)))
+            if drafted is not None:
+                scale = width / drafted[1][2]
+        image.load()
+        rgb = to_rgb(image)
+        if scale != 1.0:
+            box = tuple(v / scale for v in box)  # type: ignore[assignment]
+        return rgb.resize((size, size), Image.BILINEAR, box=box)
+    finally:
+        image.close()
 
 
 def find_files(root: Path, extensions: tuple[str, ...], kind: str) -> list[str]:
     """Sorted paths relative to ``root`` of the files under it (recursively, following links)
-    whose suffix is one of ``extensions`` (case-insensitive); a clear error when there is none."""
-    exts = tuple(e.lower() for e in extensions)
-    names = sorted(
-        str(Path(dirpath, f).relative_to(root))
-        for dirpath, _, files in os.walk(root, followlinks=True)
-        for f in files
-        if f.lower().endswith(exts)
-    )
-    if not names:
-        raise FileNotFoundError(f"no {kind} files ({', '.join(exts)}) found under {str(root)!r}")
-    return names
+    whose suffix is one of ``extensions`` (case-insensitive); a clear error when there is none.
+
+    Uses :func:`~mtssl_lightning.data.screening.list_files` (``os.scandir``; names with ``/``).
+    """
+    return list_files(root, extensions, kind).names
 
 
 class ImageFolder(ImageSource):
@@ -144,18 +220,62 @@ class ImageFolder(ImageSource):
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {str(self.root)!r} does not exist or is not a folder; set `data.image_root` to a folder of images")
-        self.names = names if names is not None else find_files(self.root, extensions, "image")
+        self.extensions = extensions
+        self.names, self._listing = listed(self.root, names, extensions, "image")
 
     def load(self, i: int) -> Image.Image:
-        with Image.open(self.root / self.names[i]) as image:
-            image.load()
-            return to_rgb(image)
+        return decode_rgb(self.root / self.names[i])
+
+    def crop(self, i: int, size: int, box_of: BoxOf, reduce: bool = True) -> Image.Image:
+        """Image ``i`` cropped and resized, JPEGs decoded at reduced size where the crop allows (see :func:`crop_file`)."""
+        return crop_file(self.root / self.names[i], size, box_of, reduce)
 
     def describe(self) -> str:
         return f"{len(self)} images under {self.root}"
 
-    def check(self, mode: ImageCheck = "header") -> ImageFolder:
-        """This folder without its unusable files (screened in the main process, before training).
+    def screen(
+        self, mode: ImageCheck = "header", cache_dir: str | os.PathLike | None = None, workers: int | None = None, progress: bool = True
+    ) -> Screening:
+        """Probe every file of the folder (see :func:`~mtssl_lightning.data.screening.screen_folder`):
+        in ``workers`` processes, with a progress bar, reusing and updating the cache in ``cache_dir``.
+
+        Only a folder listed by this object (``names=None``) can be screened.
+        """
+        if mode not in ("header", "decode"):
+            raise ValueError(f"`image_check` must be 'header' or 'decode' to screen, got {mode!r}")
+        if self._listing is None:
+            raise ValueError("only a whole folder (ImageFolder(root) without `names`) can be screened")
+        probe = functools.partial(image_probe, mode=mode)
+        return screen_folder(self.root, self.extensions, "images", mode, probe, cache_dir, workers, progress, self._listing)
+
+    def usable(self, screening: Screening, report: bool = True) -> ImageFolder:
+        """This folder without the files ``screening`` found unusable.
+
+        Args:
+            screening: the result of :meth:`screen` (here, or by another rank: read from the cache).
+            report: warn once per unusable file and log the count (the process that screened does;
+                the other ranks stay quiet).
+
+        Raises:
+            ValueError: no file is usable (on every rank; the message names the folder, the
+                reasons and the fix).
+        """
+        if not screening.reasons:
+            return ImageFolder(self.root, screening.names, self.extensions)
+        fix = "Add readable images (JPEG, PNG, WebP, …) to the folder, or point `data.image_root` elsewhere."
+        where = f"{len(screening.names)} images under {self.root}"
+        if report:
+            usable = screen(screening.names, screening.reasons, "images", where, fix)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                usable = screen(screening.names, screening.reasons, "images", where, fix, log_count=False)
+        return ImageFolder(self.root, [screening.names[i] for i in usable], self.extensions)
+
+    def check(
+        self, mode: ImageCheck = "header", cache_dir: str | os.PathLike | None = None, workers: int | None = None, progress: bool = True
+    ) -> ImageFolder:
+        """This folder without its unusable files: :meth:`screen` then :meth:`usable` (with the report).
 
         Warns once per unusable file (name and reason) and logs the count; ``mode`` says how
         hard to look (:data:`ImageCheck`).
@@ -167,15 +287,7 @@ class ImageFolder(ImageSource):
             return self
         if mode not in ("header", "decode"):
             raise ValueError(f"`image_check` must be 'header', 'decode' or 'none', got {mode!r}")
-        # threads: opening files is I/O bound (network file systems), and PIL decodes without the GIL
-        with ThreadPoolExecutor(max_workers=min(16, (os.cpu_count() or 1) * 4)) as pool:
-            found = list(pool.map(lambda name: probe_image(self.root / name, mode), self.names))
-        reasons = {i: reason for i, reason in enumerate(found) if reason is not None}
-        if not reasons:
-            return self
-        fix = "Add readable images (JPEG, PNG, WebP, …) to the folder, or point `data.image_root` elsewhere."
-        usable = screen(self.names, reasons, "images", self.describe(), fix)
-        return ImageFolder(self.root, [self.names[i] for i in usable])
+        return self.usable(self.screen(mode, cache_dir, workers, progress))
 
     def split(self, val_fraction: float) -> tuple[ImageFolder, ImageFolder]:
         """Deterministic train/val split by a hash of each relative path.
@@ -196,7 +308,7 @@ class ImageFolder(ImageSource):
             val = [min(self.names, key=bucket)]
         val_set = set(val)
         train = [n for n in self.names if n not in val_set]
-        return ImageFolder(self.root, train), ImageFolder(self.root, val)
+        return ImageFolder(self.root, train, self.extensions), ImageFolder(self.root, val, self.extensions)
 
 
 class SampleImages(ImageSource):

@@ -21,31 +21,18 @@ from __future__ import annotations
 import logging
 import math
 import os
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from mtssl_lightning.data.sample import SAMPLE_VIDEOS, sample_video_path
-from mtssl_lightning.data.sources import find_files, screen
+from mtssl_lightning.data.screening import Screening, listed, screen_folder
+from mtssl_lightning.data.sources import screen
+from mtssl_lightning.data.video_probe import StreamInfo, UnusableVideo, import_av, stream_info, video_probe
 
 log = logging.getLogger(__name__)
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
-
-
-def _av():  # noqa: ANN202 - the PyAV module
-    """PyAV, imported when a video file is first opened: the package (and frame folders, which need
-    no PyAV) imports without it, e.g. on a GPU machine where it is not installed (``make gpu-check``)."""
-    try:
-        import av
-    except ImportError as err:  # pragma: no cover - PyAV is a dependency; only bare machines lack it
-        raise ImportError(
-            "decoding video files needs PyAV (`pip install av`); without it, use folders of extracted "
-            "frames as `data.video_root` (mtssl_lightning.data.frames.FrameFolder)"
-        ) from err
-    return av
 
 
 def frame_window(total: int, frame_range: tuple[float, float]) -> tuple[int, int]:
@@ -125,7 +112,9 @@ class VideoSource:
         reasons = {}
         for i in range(len(self)):
             n = self._probe_cached(i)
-            if isinstance(n, Exception):
+            if isinstance(n, UnusableVideo):
+                reasons[i] = str(n)
+            elif isinstance(n, Exception):
                 reasons[i] = f"unreadable ({type(n).__name__}: {n})"
             elif n < min_frames:
                 reasons[i] = f"too short: clips need {min_frames} frames, found {n}"
@@ -169,17 +158,6 @@ class VideoSource:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _StreamInfo:
-    """What decoding one video file needs, probed once."""
-
-    total: int  # frames in the whole file
-    first_pts: int | None  # pts of the first decoded frame (frame 0)
-    ticks_per_frame: float | None  # pts units per frame; None = no usable timestamps, count frames
-    reorder: int  # largest pts - dts seen (pts units): how far a dts-indexed seek can land late
-    window: tuple[int, int]  # frames [lo, hi) of the file that this source uses
-
-
 class _SeekMissed(Exception):
     """A seek failed (``frame`` = -1) or landed after the wanted frame (at ``frame``)."""
 
@@ -211,46 +189,55 @@ class VideoFolder(VideoSource):
         if not self.root.is_dir():
             raise FileNotFoundError(f"video folder {str(self.root)!r} does not exist or is not a folder; set `data.video_root` to a folder of videos")
         self.frame_range = check_frame_range(frame_range)
-        self.names = names if names is not None else find_files(self.root, extensions, "video")
-        self._info: dict[int, _StreamInfo] = {}
+        self.extensions = extensions
+        self.names, self._listing = listed(self.root, names, extensions, "video")
+        self._info: dict[int, StreamInfo] = {}
+        self._stream: dict[int, tuple[int, int | None, float | None, int]] = {}  # probed, before the window
 
     def path(self, i: int) -> Path:
         """Path of video ``i``."""
         return self.root / self.names[i]
 
     def _probe(self, i: int) -> int:
-        path = self.path(i)
-        if path.stat().st_size == 0:
-            raise ValueError("empty file (0 bytes)")
-        with _av().open(str(path)) as container:
-            if not container.streams.video:
-                raise ValueError("no video stream")
-            stream = container.streams.video[0]
-            rate = stream.average_rate or stream.guessed_rate
-            first, reorder = None, 0
-            # decoding frame 0 proves the codec works and gives the first timestamp; the first
-            # packets also tell how far decode order (dts) runs ahead of display order (pts)
-            for count, packet in enumerate(container.demux(stream)):
-                if packet.pts is not None and packet.dts is not None:
-                    reorder = max(reorder, packet.pts - packet.dts)
-                if first is None:
-                    decoded = packet.decode()
-                    first = decoded[0] if decoded else None
-                if first is not None and count >= 32:
-                    break
-            if first is None:
-                raise ValueError("no decodable frame")
-            tpf = None
-            if first.pts is not None and rate and stream.time_base:
-                tpf = float(1 / (stream.time_base * rate))
-            total = stream.frames
-        if total <= 0:  # no count in the header (mkv, webm…): count the packets that carry a frame
-            with _av().open(str(path)) as container:
-                total = sum(1 for packet in container.demux(video=0) if packet.size > 0)
-        first_pts = first.pts if tpf is not None else None
-        self._info[i] = _StreamInfo(total, first_pts, tpf, reorder, frame_window(total, self.frame_range))
+        if i not in self._stream:
+            self._stream[i] = stream_info(str(self.path(i)))
+        total = self._stream[i][0]
+        self._info[i] = StreamInfo(*self._stream[i], window=frame_window(total, self.frame_range))
         lo, hi = self._info[i].window
         return hi - lo
+
+    def screen(self, cache_dir: str | os.PathLike | None = None, workers: int | None = None, progress: bool = True) -> Screening:
+        """Probe every video of the folder in ``workers`` processes, with a progress bar, reusing and
+        updating the cache in ``cache_dir`` (see :func:`~mtssl_lightning.data.screening.screen_folder`).
+
+        What is cached per file (frame count, timestamps) does not depend on ``frame_range``, so a
+        training and a validation window of the same folder share one screening.
+        """
+        if self._listing is None:
+            raise ValueError("only a whole folder (VideoFolder(root) without `names`) can be screened")
+        return screen_folder(self.root, self.extensions, "videos", "probe", video_probe, cache_dir, workers, progress, self._listing)
+
+    def use_screening(self, screening: Screening) -> None:
+        """Take every video's probe result from ``screening`` (of this folder, here or by another rank)
+        instead of probing again; :meth:`check` then only applies the clip length."""
+        where = {name: j for j, name in enumerate(screening.names)}
+        frames: dict[int, int | Exception] = self.__dict__.setdefault("_frames", {})
+        for i, name in enumerate(self.names):
+            j = where.get(name)
+            if j is None:
+                continue
+            if j in screening.reasons:
+                frames[i] = UnusableVideo(screening.reasons[j])
+            else:
+                self._stream[i] = tuple(screening.info[j])
+                frames[i] = self._probe(i)
+
+    def check(self, min_frames: int = 1) -> list[int]:
+        """:meth:`VideoSource.check`; a whole folder not yet probed is first probed in parallel (:meth:`screen`, no cache)."""
+        probed = self.__dict__.get("_frames", {})
+        if self._listing is not None and len(probed) < len(self):
+            self.use_screening(self.screen())
+        return super().check(min_frames)
 
     def read_clip(self, i: int, start: int, length: int, stride: int = 1) -> np.ndarray:
         """Frames ``start, start + stride, …`` (``length`` of them, counted in the window) of video ``i``.
@@ -285,7 +272,7 @@ class VideoFolder(VideoSource):
                     margin += 2 * (miss.frame - wanted[0] + 1) * tpf
         return np.stack(self._decode(i, info, wanted, None))
 
-    def _decode(self, i: int, info: _StreamInfo, wanted: list[int], seek_pts: int | None) -> list[np.ndarray]:
+    def _decode(self, i: int, info: StreamInfo, wanted: list[int], seek_pts: int | None) -> list[np.ndarray]:
         """Decode the ``wanted`` frame numbers of the file (ascending), after seeking to ``seek_pts``
         (``None``: from the start).
 
@@ -296,12 +283,12 @@ class VideoFolder(VideoSource):
         out: list[np.ndarray] = []
         tpf, first_pts = info.ticks_per_frame, info.first_pts
         seek = seek_pts is not None
-        with _av().open(str(self.path(i))) as container:
+        with import_av().open(str(self.path(i))) as container:
             stream = container.streams.video[0]
             if seek:
                 try:
                     container.seek(seek_pts, stream=stream, backward=True)
-                except _av().FFmpegError:
+                except import_av().FFmpegError:
                     raise _SeekMissed(-1) from None
             n = -1
             for count, frame in enumerate(container.decode(stream)):

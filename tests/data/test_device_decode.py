@@ -68,8 +68,9 @@ def test_which_files_the_device_decodes(folder):
 
 def _both(folder, train: bool, length: int, size: int = 96, seed: int = 0) -> tuple[ImageBatch, ImageBatch, EncodedImageBatch]:
     source = ImageFolder(folder)
-    cpu = CropDataset(source, size, length, train=train)
-    dev = EncodedCropDataset(source, size, length, train=train)
+    # the device decodes whole JPEGs: compared with the workers' full decode (no DCT scaling)
+    cpu = CropDataset(source, size, length, train=train, reduce=False)
+    dev = EncodedCropDataset(source, size, length, train=train, reduce=False)
     torch.manual_seed(seed)
     worker = cpu.collate([cpu[i] for i in range(length)])
     torch.manual_seed(seed)
