@@ -149,8 +149,8 @@ class DataRequest:
         image_size: side of the square crop the CPU workers deliver, in pixels.
         clip_length: frames per clip (videos only).
         frame_stride: frames between consecutive clip frames in the video (videos only).
-        min_scale: smallest random-crop area of a training crop, as a fraction of the image;
-            ``None`` = the DataModule's ``min_scale``.
+        crop_area: ``(smallest, largest)`` area of this task's crops as fractions of the image
+            (or frame); ``None`` = the DataModule's ``(min_scale, 1)``.
     """
 
     source: Literal["images", "videos"] = "images"
@@ -158,4 +158,4 @@ class DataRequest:
     image_size: int = 224
     clip_length: int = 1
     frame_stride: int = 1
-    min_scale: float | None = None
+    crop_area: tuple[float, float] | None = None

@@ -9,7 +9,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from mtssl_lightning.data.batch import ClipBatch
-from mtssl_lightning.data.datasets import BadFiles, random_resized_box
+from mtssl_lightning.data.datasets import BadFiles, CropScale, crop_scale_range, random_resized_box
 from mtssl_lightning.data.video import VideoSource
 
 class ClipDataset(Dataset):
@@ -36,7 +36,7 @@ class ClipDataset(Dataset):
         train: random starts, crops and flips from torch's RNG (seeded per worker by Lightning);
             otherwise start and crop are random but fixed per index (seeded by ``seed`` and
             the index) and there is no flip, so validation sees the same clips every epoch.
-        min_scale: smallest crop area as a fraction of the frame.
+        min_scale: smallest crop area as a fraction of the frame, or a range (smallest, largest).
         seed: base seed of the fixed (validation) clips.
     """
 
@@ -48,7 +48,7 @@ class ClipDataset(Dataset):
         frame_stride: int = 1,
         length: int | None = None,
         train: bool = True,
-        min_scale: float = 0.2,
+        min_scale: CropScale = 0.2,
         seed: int = 0,
     ) -> None:
         if size < 1:
@@ -57,8 +57,7 @@ class ClipDataset(Dataset):
             raise ValueError(f"`clip_length` must be >= 1 frame, got {clip_length}")
         if frame_stride < 1:
             raise ValueError(f"`frame_stride` must be >= 1, got {frame_stride}")
-        if not 0.0 < min_scale <= 1.0:
-            raise ValueError(f"`min_scale` must be in (0, 1], got {min_scale}")
+        crop_scale_range(min_scale)
         if length is not None and length < 1:
             raise ValueError(f"`length` must be >= 1 or None, got {length}")
         if len(source) == 0:

@@ -86,7 +86,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
             the same every epoch); ``None`` = one per validation image, and 8 clips per
             validation video.
         min_scale: smallest random-crop area as a fraction of the image, for the tasks that do
-            not set their own (a task's ``min_scale``).
+            not set their own range (a task's ``crop_area``).
         num_workers: DataLoader worker processes of this rank, in all: the training loaders
             share them in proportion to their work per batch (images, or clips × frames; see
             :func:`split_workers`) and keep them between epochs; the validation loaders get the same
@@ -296,7 +296,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
             length = self._samples_in(source)
         if not train and length > 1 and length % request.batch_size == 1:
             length -= 1
-        min_scale = self.min_scale if request.min_scale is None else request.min_scale  # a task's own crop scale wins
+        min_scale = self.min_scale if request.crop_area is None else request.crop_area  # a task's own crop scale wins
         if isinstance(source, OptimizedImages):
             return source.crops(request.image_size, length, train, min_scale, self.seed)
         if isinstance(source, VideoSource):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import TypeVar, Union
 
 import numpy as np
 import torch
@@ -71,17 +71,32 @@ class BadFiles:
         return count
 
 
+#: a crop's area as a fraction of the image: the smallest (the largest is then 1), or (smallest, largest)
+CropScale = Union[float, tuple[float, float]]
+
+
+def crop_scale_range(scale: CropScale, name: str = "min_scale") -> tuple[float, float]:
+    """``scale`` as ``(smallest, largest)`` area fractions; a ``ValueError`` naming ``name`` unless
+    ``0 < smallest <= largest <= 1``."""
+    low, high = (float(scale), 1.0) if isinstance(scale, (int, float)) else (float(scale[0]), float(scale[1]))
+    if not 0.0 < low <= high <= 1.0:
+        raise ValueError(f"`{name}` must be an area fraction in (0, 1] or a range (smallest, largest) within it, got {scale}")
+    return low, high
+
+
 def random_resized_box(
-    width: int, height: int, min_scale: float, generator: torch.Generator | None = None
+    width: int, height: int, min_scale: CropScale, generator: torch.Generator | None = None
 ) -> tuple[int, int, int, int]:
-    """A random crop box ``(x0, y0, x1, y1)`` covering ``min_scale``–1 of the area, aspect 3/4–4/3.
+    """A random crop box ``(x0, y0, x1, y1)`` covering ``min_scale``–1 of the area (or the range
+    ``min_scale = (smallest, largest)``), aspect 3/4–4/3.
 
     Like Inception-style RandomResizedCrop; falls back to the largest centred square-ish box.
     """
+    low, high = crop_scale_range(min_scale)
     area = width * height
     for _ in range(10):
         u = torch.rand(3, generator=generator).tolist()
-        target = area * (min_scale + (1.0 - min_scale) * u[0])
+        target = area * (low + (high - low) * u[0])
         aspect = math.exp(math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * u[1])
         w = int(round(math.sqrt(target * aspect)))
         h = int(round(math.sqrt(target / aspect)))
@@ -106,7 +121,7 @@ class CropDataset(Dataset):
         train: random resized crops and horizontal flips from torch's RNG (seeded per worker by
             Lightning); otherwise crops are still random but fixed per index (seeded by
             ``seed`` and the index), so validation sees the same crops every epoch.
-        min_scale: smallest crop area as a fraction of the image.
+        min_scale: smallest crop area as a fraction of the image, or a range (smallest, largest).
         seed: base seed of the fixed (validation) crops.
         reduce: let the source decode at reduced size when the crop is shrunk ≥ 2× (JPEG DCT
             scaling, see :func:`~mtssl_lightning.data.sources.crop_file`); ``False`` decodes
@@ -119,14 +134,13 @@ class CropDataset(Dataset):
         size: int,
         length: int | None = None,
         train: bool = True,
-        min_scale: float = 0.2,
+        min_scale: CropScale = 0.2,
         seed: int = 0,
         reduce: bool = True,
     ) -> None:
         if len(source) == 0:
             raise ValueError(f"no images in {source.describe()}")
-        if not 0.0 < min_scale <= 1.0:
-            raise ValueError(f"`min_scale` must be in (0, 1], got {min_scale}")
+        crop_scale_range(min_scale)
         self.source, self.size, self.train = source, size, train
         self.length = length if length is not None else len(source)
         self.min_scale, self.seed, self.reduce = min_scale, seed, reduce
@@ -155,7 +169,7 @@ class CropDataset(Dataset):
         return crop_tensor(crop, self.train), j
 
 
-def crop_boxes(train: bool, min_scale: float, seed: int, index: int) -> Callable[[int, int], tuple[int, int, int, int]]:
+def crop_boxes(train: bool, min_scale: CropScale, seed: int, index: int) -> Callable[[int, int], tuple[int, int, int, int]]:
     """The crop box of sample ``index`` as a function of the image's size: random from torch's
     RNG when training, else fixed by ``seed`` and ``index`` (validation sees the same crops)."""
     generator = None if train else torch.Generator().manual_seed(seed * 1_000_003 + index)

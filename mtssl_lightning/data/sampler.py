@@ -42,28 +42,36 @@ class TaskSampler(abc.ABC):
         image_size: side of the square crops the DataModule delivers to this task.
         input_mode: ``"rgb"``, or ``"lab_gray"`` for the paper's input harmonization (Lab L
             replicated three times, scaled to [0, 1] like RGB).
-        min_scale: smallest area of this task's random training crops as a fraction of the image
-            (or video frame); ``None`` = the DataModule's ``min_scale``. A per-task setting
-            because the tasks want different scales: relative position's patches should stay
-            near native resolution (the original cut them from the full image), while exemplar
-            and colorization take crops of any size.
+        crop_area: ``(smallest, largest)`` area of this task's random crops (training and
+            validation alike) as fractions of the image (or video frame); ``None`` = the
+            DataModule's ``(min_scale, 1)``. A per-task setting because the tasks want different
+            scales: relative position's patches should stay near native resolution (the original
+            cut them from the full image, not from a downscaled whole photo), while exemplar and
+            colorization take crops of any size.
     """
 
     #: which DataModule source feeds the task
     source: ClassVar[SourceKind] = "images"
 
     def __init__(
-        self, batch_size: int = 32, image_size: int = 224, input_mode: InputMode = "rgb", min_scale: float | None = None
+        self, batch_size: int = 32, image_size: int = 224, input_mode: InputMode = "rgb",
+        crop_area: tuple[float, float] | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"{self.task_name}: `batch_size` must be >= 1, got {batch_size}")
         if input_mode not in ("rgb", "lab_gray"):
             raise ValueError(f"{self.task_name}: `input_mode` must be 'rgb' or 'lab_gray', got {input_mode!r}")
-        if min_scale is not None and not 0.0 < min_scale <= 1.0:
-            raise ValueError(f"{self.task_name}: `min_scale` must be in (0, 1] or null (the DataModule's), got {min_scale}")
+        if crop_area is not None:
+            low, high = crop_area
+            if not 0.0 < low <= high <= 1.0:
+                raise ValueError(
+                    f"{self.task_name}: `crop_area` must be (smallest, largest) area fractions with "
+                    f"0 < smallest <= largest <= 1, or null (the DataModule's min_scale), got {crop_area}"
+                )
+            crop_area = (float(low), float(high))
         self.batch_size = batch_size
         self.image_size = image_size
-        self.min_scale = min_scale
+        self.crop_area = crop_area
         self.input_mode: InputMode = input_mode
 
     @property
@@ -73,7 +81,7 @@ class TaskSampler(abc.ABC):
 
     def data_request(self) -> DataRequest:
         """What this task needs from the DataModule."""
-        return DataRequest(source=self.source, batch_size=self.batch_size, image_size=self.image_size, min_scale=self.min_scale)
+        return DataRequest(source=self.source, batch_size=self.batch_size, image_size=self.image_size, crop_area=self.crop_area)
 
     def rescale(self, factor: float) -> None:
         """Multiply every pixel size of the task by ``factor`` (``model.pixel_scale``).

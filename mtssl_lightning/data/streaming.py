@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # litdata is imported only when an optimized copy is used (it takes ~0.5 s)
+    from mtssl_lightning.data.datasets import CropScale
     from mtssl_lightning.data.sources import ImageSource
     from mtssl_lightning.data.streaming_crops import StreamingCrops
 
@@ -208,7 +209,7 @@ class OptimizedImages:
     def describe(self) -> str:
         return f"{self.length} images of the optimized copy {self.input_dir} (streamed)"
 
-    def crops(self, size: int, length: int, train: bool, min_scale: float, seed: int) -> StreamingCrops:
+    def crops(self, size: int, length: int, train: bool, min_scale: CropScale, seed: int) -> StreamingCrops:
         """The task's crops; ``length`` (samples per epoch over all ranks) is kept for the loader."""
         from mtssl_lightning.data.streaming_crops import StreamingCrops
 

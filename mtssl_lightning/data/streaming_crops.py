@@ -10,7 +10,7 @@ import torch
 from litdata import StreamingDataset
 
 from mtssl_lightning.data.batch import ImageBatch
-from mtssl_lightning.data.datasets import BadFiles, crop_boxes, crop_tensor
+from mtssl_lightning.data.datasets import BadFiles, CropScale, crop_boxes, crop_tensor
 from mtssl_lightning.data.sources import crop_file
 
 
@@ -26,7 +26,7 @@ class StreamingCrops(StreamingDataset):
         size: output side in pixels.
         train: random crops and flips from torch's RNG (seeded per worker), chunks shuffled;
             otherwise crops fixed per image (seeded by ``seed`` and the image's index), in order.
-        min_scale: smallest crop area as a fraction of the image.
+        min_scale: smallest crop area as a fraction of the image, or a range (smallest, largest).
         seed: base seed of the fixed crops, and of LitData's shuffle.
         reduce: JPEG DCT scaling when the crop is shrunk ≥ 2× (see :func:`~mtssl_lightning.data.sources.crop_file`).
         cache_dir: where LitData keeps downloaded chunks of a remote copy (``None``: its default).
@@ -37,7 +37,7 @@ class StreamingCrops(StreamingDataset):
         input_dir: str,
         size: int,
         train: bool = True,
-        min_scale: float = 0.2,
+        min_scale: CropScale = 0.2,
         seed: int = 0,
         reduce: bool = True,
         cache_dir: str | None = None,

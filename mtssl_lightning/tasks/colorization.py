@@ -443,7 +443,7 @@ class ColorizationSampler(TaskSampler):
         batch_size: int = 32,
         image_size: int = 224,
         input_mode: InputMode = "lab_gray",
-        min_scale: float | None = None,
+        crop_area: tuple[float, float] | None = None,
         grid: int = 10,
         gamut_rule: GamutRule = "centre",
         neighbours: int = 5,
@@ -455,7 +455,7 @@ class ColorizationSampler(TaskSampler):
                 "Colorization: `input_mode` must be 'lab_gray' — with RGB input the trunk would see "
                 f"the colours it must predict; got {input_mode!r}"
             )
-        super().__init__(batch_size=batch_size, image_size=image_size, input_mode=input_mode, min_scale=min_scale)
+        super().__init__(batch_size=batch_size, image_size=image_size, input_mode=input_mode, crop_area=crop_area)
         if output_stride < 1:
             raise ValueError(f"Colorization: `output_stride` must be >= 1, got {output_stride}")
         self.grid, self.gamut_rule = grid, gamut_rule

@@ -475,7 +475,7 @@ class ExemplarSampler(TaskSampler):
         batch_size: int = 32,
         image_size: int = 224,
         input_mode: InputMode = "rgb",
-        min_scale: float | None = None,
+        crop_area: tuple[float, float] | None = None,
         views: int = 8,
         view_size: int | None = None,
         crop_scale: tuple[float, float] = (0.25, 1.0),
@@ -491,7 +491,7 @@ class ExemplarSampler(TaskSampler):
         blur_p: float = 0.5,
         blur_sigma: tuple[float, float] = (0.1, 2.0),
     ) -> None:
-        super().__init__(batch_size=batch_size, image_size=image_size, input_mode=input_mode, min_scale=min_scale)
+        super().__init__(batch_size=batch_size, image_size=image_size, input_mode=input_mode, crop_area=crop_area)
         name = self.task_name
         if batch_size < 2:
             raise ValueError(f"{name}: `batch_size` must be >= 2 (other images are the negatives), got {batch_size}")

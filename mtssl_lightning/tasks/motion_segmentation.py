@@ -82,7 +82,7 @@ class MotionSegmentationSampler(TaskSampler):
         batch_size: int = 32,
         image_size: int = 224,
         input_mode: InputMode = "rgb",
-        min_scale: float | None = None,
+        crop_area: tuple[float, float] | None = None,
         clip_length: int = 5,
         frame_stride: int = 2,
         masks: MaskSource = "auto",
@@ -92,7 +92,7 @@ class MotionSegmentationSampler(TaskSampler):
         mask_min_area: float = 0.005,
         output_stride: int = 4,
     ) -> None:
-        super().__init__(batch_size=batch_size, image_size=image_size, input_mode=input_mode, min_scale=min_scale)
+        super().__init__(batch_size=batch_size, image_size=image_size, input_mode=input_mode, crop_area=crop_area)
         if clip_length < 3:
             raise ValueError(
                 f"MotionSegmentation: `clip_length` must be >= 3 (frames before and after the key frame), got {clip_length}"
@@ -115,7 +115,7 @@ class MotionSegmentationSampler(TaskSampler):
             image_size=self.image_size,
             clip_length=self.clip_length,
             frame_stride=self.frame_stride,
-            min_scale=self.min_scale,
+            crop_area=self.crop_area,
         )
 
     def _prepare(self, batch: ImageBatch | ClipBatch, generator: torch.Generator | None) -> MotionSegmentationBatch:

@@ -418,7 +418,7 @@ class RelativePositionSampler(TaskSampler):
         batch_size: int = 32,
         image_size: int | None = None,
         input_mode: InputMode = "rgb",
-        min_scale: float | None = None,
+        crop_area: tuple[float, float] | None = None,
         patch_size: int = 96,
         gap: int = 48,
         jitter: int = 7,
@@ -464,7 +464,7 @@ class RelativePositionSampler(TaskSampler):
                 f"{grid}*{patch_size} + {grid - 1}*{gap} + 2*{jitter} = {required} px; "
                 f"set image_size >= {required} or shrink patch_size/gap/jitter"
             )
-        super().__init__(batch_size=batch_size, image_size=image_size, input_mode=input_mode, min_scale=min_scale)
+        super().__init__(batch_size=batch_size, image_size=image_size, input_mode=input_mode, crop_area=crop_area)
         self.patch_size, self.gap, self.jitter, self.grid = patch_size, gap, jitter, grid
         self.pairs: PairsMode = pairs
         self.downsample_fraction = downsample_fraction

@@ -132,24 +132,30 @@ def test_datamodule_gives_one_named_sub_batch_per_task():
     assert len(val) == 2 and val[1]["a"] is None and val[1]["b"].images.shape[0] == 2
 
 
-def test_a_task_crop_scale_overrides_the_datamodules(tmp_path):
+def test_a_task_crop_area_overrides_the_datamodules(tmp_path):
     """A horizontal ramp (value = 4 × column): a crop covering the whole image spans 0…252; with
-    the task's ``min_scale=1`` every training crop does, while the task that keeps the
-    DataModule's ``min_scale=0.05`` gets narrower crops."""
+    the task's ``crop_area=(1, 1)`` every training crop does; a task with ``crop_area=(0.05,
+    0.1)`` never gets a crop wider than sqrt(0.1 × 4/3) of the image (~0.37: ≤ 94 grey levels);
+    the task that keeps the DataModule's ``min_scale=0.05`` gets both narrow and wide crops."""
     ramp = (torch.arange(64) * 4).to(torch.uint8).expand(64, 3, 64).permute(1, 0, 2).contiguous()  # (3, H, W)
     Image.fromarray(ramp.permute(1, 2, 0).numpy()).save(tmp_path / "ramp.png")
     Image.fromarray(ramp.permute(1, 2, 0).numpy()).save(tmp_path / "ramp2.png")
-    samplers = {"whole": BrightnessSampler(batch_size=6, image_size=32, min_scale=1.0), "any": BrightnessSampler(batch_size=6, image_size=32)}
+    samplers = {
+        "whole": BrightnessSampler(batch_size=6, image_size=32, crop_area=(1.0, 1.0)),
+        "small": BrightnessSampler(batch_size=6, image_size=32, crop_area=(0.05, 0.1)),
+        "any": BrightnessSampler(batch_size=6, image_size=32),
+    }
     dm = MultiTaskDataModule(image_root=str(tmp_path), steps_per_epoch=3, num_workers=0, min_scale=0.05, samplers=samplers)
     dm.setup("fit")
-    spans = {"whole": [], "any": []}
+    spans = {"whole": [], "small": [], "any": []}
     for batch, *_ in dm.train_dataloader():
         for name, images in ((n, batch[n].images.float()) for n in spans):
             spans[name] += (images.amax(dim=(1, 2, 3)) - images.amin(dim=(1, 2, 3))).tolist()
     assert min(spans["whole"]) >= 240, spans["whole"]
-    assert min(spans["any"]) < 160, spans["any"]
-    with pytest.raises(ValueError, match="min_scale"):
-        BrightnessSampler(min_scale=1.5)
+    assert max(spans["small"]) <= 100, spans["small"]
+    assert min(spans["any"]) < 160 and max(spans["any"]) > 160, spans["any"]
+    with pytest.raises(ValueError, match="crop_area"):
+        BrightnessSampler(crop_area=(0.5, 1.5))
 
 
 def test_datamodule_video_task_needs_a_video_root_beside_an_image_root(tmp_path):
