@@ -197,6 +197,22 @@ def test_task_ratios_schedule() -> None:
     assert all(model.runs_at("a", s) for s in range(8))
 
 
+def test_every_schedule_follows_training_steps_whether_its_task_ran_or_not(tmp_path) -> None:
+    """alternate with task b at a quarter of the steps: after 8 steps both tasks' StepLR (halving
+    each step) are at lr × 0.5⁸ — a schedule counts training steps (the paper's steps are shared
+    by all tasks), so task_ratios does not stretch it — while b's optimizer stepped only twice."""
+    model = _model(
+        combine="alternate", task_ratios={"b": 0.25},
+        optimizer=lambda p: torch.optim.SGD(p, lr=1e-3),
+        lr_scheduler=lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5),
+    )
+    _trainer(tmp_path, max_steps=8, limit_val_batches=0).fit(model, MultiTaskDataModule(steps_per_epoch=8, num_workers=0))
+    optimizers = model.optimizers()
+    assert [o.param_groups[0]["lr"] for o in optimizers] == pytest.approx([1e-3 * 0.5**8] * 2, rel=1e-12)
+    assert [s.last_epoch for s in model.lr_schedulers()] == [8, 8]
+    assert [model.runs_at("b", step) for step in range(8)].count(True) == 2
+
+
 # --------------------------------------------------------------------------------------------
 # exact resume
 # --------------------------------------------------------------------------------------------
