@@ -3,8 +3,8 @@
 * **motion masks/s** — :func:`~mtssl_lightning.data.motion.motion_masks` on batches of clips of
   the sample street-scene video (5 frames, stride 2, decoded once before timing), batched on the
   device (phase correlation, warping, residuals, morphology, connected components);
-* **exemplar views/s** — :meth:`~mtssl_lightning.tasks.Exemplar.build` (one Kornia
-  ``AugmentationSequential`` over the repeated batch) on crops of the sample photos;
+* **exemplar views/s** — :meth:`~mtssl_lightning.tasks.Exemplar.build` (the task's own batched,
+  sync-free augmentation over the repeated batch) on crops of the sample photos;
 * **clips/s decoded** — :class:`~mtssl_lightning.data.clips.ClipDataset` in a ``DataLoader``
   with 2 workers (PyAV seek + decode + crop/resize on the CPU), the CPU side that feeds motion
   segmentation.
