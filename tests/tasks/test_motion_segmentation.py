@@ -203,7 +203,11 @@ def _clips(frames: torch.Tensor, n: int, size: int, length: int, stride: int, g:
 def test_learns_motion_segmentation_on_held_out_frames() -> None:
     """Tiny trunk + dense head trained on clips of the first 80 % of the sample video; on clips of
     the held-out last 20 %, IoU of the moving class must beat the best constant predictor
-    (all-moving: IoU = share of moving pixels; all-still: 0)."""
+    (all-moving: IoU = share of moving pixels; all-still: 0) by 1.3x.
+
+    Spread over training seeds 0–4 (``MTSSL_LEARNING_SEED``, tests/seeds.py; same evaluation
+    clips): held-out IoU 0.062–0.105 against the constant's 0.034 (1.8–3.1x); the bound lies
+    outside that spread."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
