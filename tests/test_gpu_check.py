@@ -32,6 +32,10 @@ PREINSTALLED = ("torch", "torchvision", "lightning", "torchmetrics", "scikit-ima
 CUDA_ONLY_IMPORTS = {"triton": "triton"}
 #: imported when present, harmless when absent: numpy.f2py's ``try: import charset_normalizer``
 OPTIONAL = {"charset_normalizer"}
+# litdata (our optimized-copy reader) and what it imports: here `lightning.data` imports it
+# because it is installed (that module raises ModuleNotFoundError, caught, where it is not, as on
+# the GPU machine); the check itself never streams from an optimized copy
+OPTIONAL |= {"litdata", "boto3", "botocore", "s3transfer", "jmespath", "requests", "certifi", "urllib3", "obstore"}
 #: the check's own code (the repository, not a package), and modules no distribution owns (made by Cython at run time)
 OWN = {"cython_runtime", "mtssl_lightning", "benchmarks", "gpu_check", "gpu_harness", "gpu_parts", "gpu_data", "gpu_fit", "gpu_correctness", "gpu_report", "gpu_utilisation", "_report"}
 

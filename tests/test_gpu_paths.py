@@ -81,8 +81,11 @@ class Float32Reference(pl.Callback):
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         self.reference.load_state_dict(module.state_dict())
         losses = {}
+        for name, sub in batch.items():  # the step counts the batch into colorization's prior first
+            self.reference.tasks[name].observe(sub)
+        for task in self.reference.tasks.values():
+            task.synchronize(lambda counts: counts)  # one process: this rank's counts are all
         for name, sub in batch.items():
-            self.reference.tasks[name].observe(sub)  # the step counts the batch into colorization's prior first
             losses[f"train/{name}/loss_step"] = float(self.reference.tasks[name].loss(self.reference.task_forward(name, sub).float(), sub))
         self.losses.append(losses)
 
