@@ -27,6 +27,7 @@ from torch import Tensor
 
 from mtssl_lightning.data.batch import ClipBatch, DataRequest, ImageBatch, TaskBatch
 from mtssl_lightning.data.color import lab_gray
+from mtssl_lightning.data.datasets import crop_scale_range
 
 __all__ = ["InputMode", "SourceKind", "TaskSampler", "TaskSamplerProvider"]
 
@@ -61,14 +62,8 @@ class TaskSampler(abc.ABC):
             raise ValueError(f"{self.task_name}: `batch_size` must be >= 1, got {batch_size}")
         if input_mode not in ("rgb", "lab_gray"):
             raise ValueError(f"{self.task_name}: `input_mode` must be 'rgb' or 'lab_gray', got {input_mode!r}")
-        if crop_area is not None:
-            low, high = crop_area
-            if not 0.0 < low <= high <= 1.0:
-                raise ValueError(
-                    f"{self.task_name}: `crop_area` must be (smallest, largest) area fractions with "
-                    f"0 < smallest <= largest <= 1, or null (the DataModule's min_scale), got {crop_area}"
-                )
-            crop_area = (float(low), float(high))
+        if crop_area is not None:  # the datasets' own check, with this task's name in the message
+            crop_area = crop_scale_range((crop_area[0], crop_area[1]), f"{self.task_name}.crop_area")
         self.batch_size = batch_size
         self.image_size = image_size
         self.crop_area = crop_area
