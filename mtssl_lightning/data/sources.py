@@ -22,6 +22,7 @@ from typing import IO, Literal
 
 from PIL import Image, ImageOps
 
+from mtssl_lightning.data.image_header import header_size
 from mtssl_lightning.data.sample import SAMPLE_VAL_NAMES, sample_images
 from mtssl_lightning.data.screening import Screening, list_files, listed, screen_folder
 
@@ -77,9 +78,17 @@ def screen(
 def probe_image(path: str | os.PathLike, mode: ImageCheck = "header") -> str | None:
     """Why the image file at ``path`` is unusable, or ``None`` when it is fine.
 
-    ``header`` parses the header only (size and format); ``decode`` also decodes the pixels and
-    converts them to RGB, as training would.
+    ``header`` parses the header only (size and format): JPEGs and PNGs by
+    :func:`~mtssl_lightning.data.image_header.header_size` when it can tell (a few µs), anything
+    else by Pillow (whose reason is reported); ``decode`` also decodes the pixels and converts
+    them to RGB, as training would.
     """
+    if mode == "header":
+        try:
+            if header_size(path) is not None:
+                return None
+        except Exception:  # noqa: BLE001 - Pillow below says what is wrong
+            pass
     try:
         if os.stat(path).st_size == 0:
             return "empty file (0 bytes)"
