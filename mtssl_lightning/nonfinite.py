@@ -20,7 +20,8 @@ Modes:
 What is not rolled back: the optimizers' ``step`` counters (CPU tensors for torch's default
 implementations; rolling them back would need the flag on the host). RMSprop and SGD do not use
 them in the update; Adam's bias correction then runs one step ahead after a skip. The cost of a
-guarded update: one copy of the tensors it can change, and a ``where`` per tensor.
+guarded update: two flat copies of the tensors it can change (kept between steps); one fused copy
+in before the update and, after it, one fused copy out, one ``where`` and one fused copy back.
 """
 
 from __future__ import annotations
@@ -38,20 +39,54 @@ __all__ = ["NonFinite", "Snapshot", "UpdateGuard"]
 
 NonFinite = Literal["skip", "stop", "ignore"]
 
+#: sets of flat snapshot buffers kept (alternate mode: one per task optimizer, plus the step's)
+_KEEP_GROUPS = 16
+
+
+class _FlatGroup:
+    """Tensors of one dtype and device mirrored into two flat buffers: ``saved`` (the values from
+    before an update) and ``stage`` (the live values, gathered to choose between the two).
+
+    Why flat: the choice ``where(ok, live, saved)`` is then one op on one buffer instead of one per
+    tensor (a step guards ~300 tensors per optimizer; on a GPU each would be a kernel launch), and
+    copying in and out are single fused ``_foreach_copy_`` calls on views made once.
+    """
+
+    def __init__(self, tensors: list[Tensor]) -> None:
+        self.tensors = tensors
+        first = tensors[0]
+        self.saved = torch.empty(sum(t.numel() for t in tensors), dtype=first.dtype, device=first.device)
+        self.stage = torch.empty_like(self.saved)
+        self.saved_views = _views(self.saved, tensors)
+        self.stage_views = _views(self.stage, tensors)
+
+    def save(self) -> None:
+        """Copy the live tensors into ``saved``."""
+        torch._foreach_copy_(self.saved_views, self.tensors)
+
+    def restore_unless(self, ok: Tensor) -> None:
+        """Live tensors := live where ``ok`` (0-d bool on the device) else saved; nothing read back."""
+        torch._foreach_copy_(self.stage_views, self.tensors)
+        torch.where(ok, self.stage, self.saved, out=self.stage)
+        torch._foreach_copy_(self.tensors, self.stage_views)
+
+
+def _views(flat: Tensor, tensors: list[Tensor]) -> list[Tensor]:
+    return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
 
 @dataclass
 class Snapshot:
     """What one guarded update may change, and copies of it from before.
 
     Attributes:
-        tensors: the live tensors (parameters, existing optimizer states, buffers).
-        saved: their values before the update, one per tensor.
+        groups: the live tensors (parameters, existing optimizer states, buffers) by dtype and
+            device, each group with its saved copy.
         fresh: ``(optimizer, parameter)`` pairs whose optimizer state did not exist yet; the update
             creates it, and a skipped update resets it to zeros (torch optimizers' initial state).
     """
 
-    tensors: list[Tensor]
-    saved: list[Tensor]
+    groups: list[_FlatGroup]
     fresh: list[tuple[torch.optim.Optimizer, nn.Parameter]] = field(default_factory=list)
 
 
@@ -84,6 +119,9 @@ class UpdateGuard:
         self._skipped: Tensor | None = None  # device int64: non-finite updates since the last read
         self._stopped: Tensor | None = None  # device bool (stop mode): a non-finite update happened
         self._first_bad: Tensor | None = None  # device int64: step of the first non-finite update, -1 = none
+        # flat buffers by the tensors they mirror (storage, shape, dtype): made once, reused every step;
+        # a few sets live at a time (one per task optimizer in alternate mode, and the whole step's)
+        self._groups: dict[tuple, list[_FlatGroup]] = {}
 
     def begin(self, optimizers: Sequence[torch.optim.Optimizer], modules: Iterable[nn.Module]) -> Snapshot | None:
         """Copy what the next update of ``optimizers`` (and a forward pass of ``modules``) can change."""
@@ -96,12 +134,19 @@ class UpdateGuard:
             tensors += more
             fresh += new
         tensors += [b for m in modules for b in m.buffers()]
-        unique = list({id(t): t for t in tensors}.values())  # a parameter shared by two optimizers once
-        floats = [t for t in unique if t.is_floating_point()]
-        others = [t for t in unique if not t.is_floating_point()]
-        # one fused copy for the floating tensors (foreach), plain clones for the few counters
-        saved = (list(torch._foreach_mul(floats, 1.0)) if floats else []) + [t.clone() for t in others]
-        return Snapshot(floats + others, saved, fresh)
+        unique = list({(t.data_ptr(), t.numel()): t for t in tensors if t.numel()}.values())  # a parameter shared by two optimizers once
+        key = tuple((t.data_ptr(), t.shape, t.dtype, t.device) for t in unique)
+        groups = self._groups.get(key)
+        if groups is None:
+            by_kind: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
+            for t in unique:
+                by_kind.setdefault((t.dtype, t.device), []).append(t)
+            groups = self._groups[key] = [_FlatGroup(ts) for ts in by_kind.values()]
+            while len(self._groups) > _KEEP_GROUPS:  # tensors replaced (e.g. a resume): drop the oldest buffers
+                del self._groups[next(iter(self._groups))]
+        for group in groups:
+            group.save()
+        return Snapshot(groups, fresh)
 
     def settle(self, snapshot: Snapshot | None, finite: Tensor, step: int, count: bool = True) -> Tensor:
         """Keep the update where ``finite`` (0-d bool, on the device, agreed by every rank), undo it
@@ -113,8 +158,8 @@ class UpdateGuard:
             ok = finite & ~stopped
             self._stopped = stopped | ~finite
         if snapshot is not None:
-            for live, saved in zip(snapshot.tensors, snapshot.saved):
-                torch.where(ok, live, saved, out=live)  # in place: one pass, no temporary
+            for group in snapshot.groups:
+                group.restore_unless(ok)
             for optimizer, p in snapshot.fresh:
                 for key, value in optimizer.state.get(p, {}).items():
                     if key != "step" and isinstance(value, Tensor) and value.device == ok.device:
