@@ -21,9 +21,12 @@ none of the three modules imports another:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from torch import nn
+from torch import Tensor, nn
+
+if TYPE_CHECKING:  # a type only: the module never imports the distributed package
+    from mtssl_lightning.distributed.gradient_slots import GradientSlots
 
 __all__ = ["TaskAssignment", "TaskModules", "TaskParallel", "tasks_of_rank"]
 
@@ -73,4 +76,17 @@ class TaskParallel(TaskAssignment, Protocol):
 
     def sync_buffers(self, module: TaskModules) -> None:
         """After a training step, make the buffers (BatchNorm statistics …) equal on every rank."""
+        ...
+
+    def task_scale(self, name: str) -> float:
+        """``1 / (number of ranks that run task name)``: one rank's share of the task's mean."""
+        ...
+
+    def task_slots(self, module: TaskModules, slots: Sequence[str], own: Sequence[str]) -> GradientSlots:
+        """Per-task gradient slots (``slots``) over the shared modules plus the own parameters of
+        ``own``, reduced over all ranks (the concurrent step)."""
+        ...
+
+    def task_means(self, values: dict[str, Tensor], tasks: Sequence[str], width: int = 1) -> dict[str, Tensor]:
+        """``{task: mean over its ranks of values[task]}`` (``(width,)`` tensors) for all ``tasks``, on every rank."""
         ...
