@@ -163,7 +163,9 @@ class GradientSlots:
 
     # -------------------------------------------------------------------- reducing
     def _start(self, bucket: _Bucket) -> None:
-        bucket.work = dist.all_reduce(bucket.flat, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+        # one process (e.g. a task-parallel strategy on one device): the slots are already the sums
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.group) > 1:
+            bucket.work = dist.all_reduce(bucket.flat, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
         bucket.launched = True
 
     def _launch_ready(self) -> None:
