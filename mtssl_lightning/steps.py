@@ -255,11 +255,11 @@ class TaskStepping:
         slots.begin()
         local = [n for n in running if n in names and batch.get(n) is not None]
         losses = {}
-        for name in running:
+        for name in running:  # in task order: the metrics' end-of-epoch syncs follow the order they were logged in
             if name not in local:
                 self.log_untrained_metrics(name)  # type: ignore[attr-defined]
-        for i, name in enumerate(local):
-            with slots.collect(name, [name], strategy.task_scale(name), launch=i == len(local) - 1):
+                continue
+            with slots.collect(name, [name], strategy.task_scale(name), launch=name == local[-1]):
                 losses[name] = self.task_loss(name, batch[name], "train", log_loss=False)  # type: ignore[attr-defined]
                 self.manual_backward(self._with_penalty(name, losses[name]))  # type: ignore[attr-defined]
         slots.finish()
