@@ -25,11 +25,15 @@ def _sgd(params) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=0.1)  # a module-level function: spawned processes unpickle it
 
 
-def _model(combine: str = "sum", mixing: str = "lasso", batch_a: int = 3) -> MultiTaskSSL:
+def _rmsprop(params) -> torch.optim.Optimizer:
+    return torch.optim.RMSprop(params, lr=1e-3, momentum=0.9)
+
+
+def _model(combine: str = "sum", mixing: str = "lasso", optimizer=_sgd) -> MultiTaskSSL:
     torch.manual_seed(0)
-    tasks = {"a": Brightness(batch_size=batch_a, image_size=32), "b": Brightness(batch_size=2, image_size=32, input_mode="lab_gray")}
+    tasks = {"a": Brightness(batch_size=3, image_size=32), "b": Brightness(batch_size=2, image_size=32, input_mode="lab_gray")}
     return MultiTaskSSL(tasks=tasks, trunk=ResNetV2("tiny", width=0.125), combine=combine, mixing=mixing,
-                        optimizer=_sgd)
+                        optimizer=optimizer)
 
 
 def _close(got: torch.Tensor, expected: torch.Tensor, what: str, floor: float) -> None:
@@ -243,3 +247,27 @@ def test_plain_ddp_gradients_equal_single_process_reference(tmp_path, world) -> 
         for k, v in result["end"].items():
             if k.startswith("trunk.") and "running" not in k:
                 torch.testing.assert_close(v, ranks[0]["end"][k], atol=0, rtol=0)
+
+
+def test_task_parallel_concurrent_resume_is_exact(tmp_path) -> None:
+    """2 gloo processes, RMSProp with momentum: 2 epochs of one step in one run equal 1 epoch, a
+    checkpoint (rank 0's: every head and every task optimizer's state is there) and 1 more epoch
+    after resuming. (Epoch boundaries: a resume mid-epoch restarts the epoch's data.)"""
+    world, task_ranks = LAYOUTS["2-procs"]
+
+    def fit(root: Path, epochs: int, ckpt: str | None = None) -> list[dict]:
+        root.mkdir()
+        pl.seed_everything(0)
+        trainer = _trainer(root, world, TaskParallelStrategy(task_ranks, start_method="spawn"), -1, max_epochs=epochs,
+                           enable_checkpointing=True, default_root_dir=root, callbacks=[Record(str(root))])
+        trainer.fit(_model("concurrent", optimizer=_rmsprop), MultiTaskDataModule(steps_per_epoch=world, val_samples=4, num_workers=0), ckpt_path=ckpt)
+        return [torch.load(root / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+    straight = fit(tmp_path / "straight", 2)
+    fit(tmp_path / "first", 1)
+    [ckpt] = (tmp_path / "first").rglob("*.ckpt")
+    resumed = fit(tmp_path / "resumed", 2, str(ckpt))
+    assert len(straight[0]["grads"]) == 4 and len(resumed[0]["grads"]) == 2  # two task updates per step
+    _check_identical(resumed)
+    for k, v in straight[0]["end"].items():
+        torch.testing.assert_close(resumed[0]["end"][k], v, atol=0, rtol=0, msg=k)
