@@ -21,14 +21,12 @@ none of the three modules imports another:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from contextlib import AbstractContextManager
+from typing import Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
-if TYPE_CHECKING:  # a type only: the module never imports the distributed package
-    from mtssl_lightning.distributed.gradient_slots import GradientSlots
-
-__all__ = ["TaskAssignment", "TaskModules", "TaskParallel", "tasks_of_rank"]
+__all__ = ["GradientSlots", "TaskAssignment", "TaskModules", "TaskParallel", "tasks_of_rank"]
 
 
 @runtime_checkable
@@ -62,6 +60,32 @@ class TaskModules(Protocol):
 
     def task_modules(self, name: str) -> list[nn.Module]:
         """Modules only task ``name`` trains (its head, its lasso mixer)."""
+        ...
+
+
+class GradientSlots(Protocol):
+    """Per-task gradient slots reduced across ranks, as the module's concurrent step drives them
+    (:class:`mtssl_lightning.distributed.gradient_slots.GradientSlots` is one)."""
+
+    def begin(self) -> None:
+        """Zero every slot."""
+        ...
+
+    def collect(self, slot: str, tasks: Sequence[str], scale: float, launch: bool) -> AbstractContextManager[None]:
+        """Around a backward pass: its gradients (× ``scale``) go into ``slot`` (and ``tasks``' own
+        parameters'); with ``launch``, reductions start as the slot's buckets complete."""
+        ...
+
+    def finish(self) -> None:
+        """Complete every reduction: each slot holds its sum over the ranks."""
+        ...
+
+    def assign(self, slot: str, tasks: Sequence[str]) -> None:
+        """Point ``.grad`` of the shared parameters and of ``tasks``' own ones at ``slot``'s reduced gradient."""
+        ...
+
+    def shared_gradient(self, slot: str) -> list[Tensor]:
+        """``slot``'s reduced gradient of the shared parameters (flat pieces)."""
         ...
 
 
