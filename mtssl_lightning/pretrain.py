@@ -94,7 +94,8 @@ class MultiTaskSSL(TaskStepping, pl.LightningModule):
         check_every_n_steps: how often the host reads what the device counted (non-finite
             updates): one sync every that many training steps.
         grad_norm_every_n_steps: every that many training steps, log ``grad_norm/<task>``: the
-            norm of each task's (weighted) loss gradient on the shared trunk, this rank's. With one
+            norm of each task's (weighted) loss gradient on the shared trunk (task-parallel: of its
+            mean gradient with one optimizer per task, the mean of its ranks' norms in sum mode). With one
             optimizer per task it is read after the task's backward (free); in sum mode it costs
             one extra backward pass per task on those steps, and is not logged with ``compile``
             (a compiled backward frees its buffers, so the graph cannot be walked twice). 0 = never.

@@ -123,11 +123,11 @@ class TaskStepping:
         if name in names and batch.get(name) is not None:
             loss = self.task_loss(name, batch[name], "train", log_loss=parallel is None)  # type: ignore[attr-defined]
             self.manual_backward(self._with_penalty(name, loss))  # type: ignore[attr-defined]
-            if self.grad_norm_due():  # type: ignore[attr-defined]
-                self.log_trunk_grad_norm(name, [p.grad for p in self.trunk.parameters()])  # type: ignore[attr-defined]
         else:
             self.log_untrained_metrics(name)  # type: ignore[attr-defined]
         self.sync_task_gradients(name)  # type: ignore[attr-defined]
+        if self.grad_norm_due():  # after the reduction: the task's mean gradient, the same on every rank
+            self.log_trunk_grad_norm(name, [p.grad for p in self.trunk.parameters()])  # type: ignore[attr-defined]
         if parallel is None:
             return torch.isfinite(loss.detach()) if loss is not None else torch.ones((), dtype=torch.bool, device=self.device)  # type: ignore[attr-defined]
         return torch.isfinite(self.log_task_means({name: loss} if loss is not None else {}, [name])[name])
