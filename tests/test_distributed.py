@@ -179,7 +179,8 @@ def _expected_bytes(model: MultiTaskSSL, combine: str, width: int) -> int:
     return 4 * (slots * p_trunk + p_heads) + 8 * buffers + 4 * len(model.tasks) * width
 
 
-LAYOUTS = {"2-procs": (2, {"a": [0], "b": [1]}), "4-procs": (4, {"a": [0, 1], "b": [2, 3]})}
+#: the paper's one task per rank, and a rank (2) that runs both tasks (two backward passes, one slot each)
+LAYOUTS = {"2-procs": (2, {"a": [0], "b": [1]}), "4-procs": (4, {"a": [0, 1], "b": [2, 3]}), "4-procs-shared": (4, {"a": [0, 1, 2], "b": [2, 3]})}
 
 
 @pytest.mark.parametrize("combine", ["concurrent", "sum"])
