@@ -26,7 +26,7 @@ sys.path.insert(0, str(HERE))  # the scripts import `_report` as a top-level mod
 from _report import DEFAULT_OUTPUT, machine, write_section  # noqa: E402
 
 #: in this order: the quick timing benchmarks first, the long transfer run last
-BENCHMARKS = ("input_pipeline", "video_tasks", "multitask_step", "transfer")
+BENCHMARKS = ("input_pipeline", "video_tasks", "multitask_step", "task_parallel", "transfer")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,7 @@ TRUNK_PREFIX = "trunk."
 def save_run_state(module: Any, checkpoint: dict[str, Any]) -> None:
     """What :class:`~mtssl_lightning.MultiTaskSSL` adds to a Lightning checkpoint: the trunk's spec
     (for :func:`load_trunk`), its step and bad-file counters, and torch's RNG states (dropout, and
-    data order in the main process), so that a resumed run continues as an uninterrupted one (task
+    data order in the main process; with several ranks every rank's, each resuming with its own), so that a resumed run continues as an uninterrupted one (task
     inputs are seeded by the DataModule, whose state Lightning saves). Plain values and tensors
     only, so checkpoints load with ``weights_only=True``."""
     checkpoint["trunk_spec"] = module.trunk.spec()
@@ -28,6 +28,15 @@ def save_run_state(module: Any, checkpoint: dict[str, Any]) -> None:
     checkpoint["mtssl_skipped_files"] = module._skipped_files
     checkpoint["mtssl_nonfinite_skipped"] = module._nonfinite_skipped
     checkpoint["mtssl_rng"] = {"torch": torch.get_rng_state()}
+    trainer = getattr(module, "_trainer", None)
+    if trainer is not None and trainer.world_size > 1:
+        # every rank's own generator (the loaders' shuffling draws from it): Lightning calls this hook
+        # on every rank and writes rank 0's dict, so without the gather every rank would resume
+        # with rank 0's state and draw other data than an uninterrupted run
+        state = torch.get_rng_state()
+        states = [torch.empty_like(state) for _ in range(trainer.world_size)]
+        torch.distributed.all_gather_object(states, state)  # (gloo and NCCL alike: CPU byte tensors as objects)
+        checkpoint["mtssl_rng"]["torch_ranks"] = states
     if torch.cuda.is_available():
         checkpoint["mtssl_rng"]["cuda"] = torch.cuda.get_rng_state_all()
 
@@ -50,7 +59,10 @@ def load_run_state(module: Any, checkpoint: dict[str, Any]) -> None:
     module._nonfinite_skipped = int(checkpoint.get("mtssl_nonfinite_skipped", 0))
     rng = checkpoint.get("mtssl_rng")
     if rng is not None:
-        torch.set_rng_state(rng["torch"])
+        trainer = getattr(module, "_trainer", None)
+        ranks = rng.get("torch_ranks")
+        same_world = trainer is not None and ranks is not None and len(ranks) == trainer.world_size
+        torch.set_rng_state(ranks[trainer.global_rank] if same_world else rng["torch"])
         if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(rng["cuda"])
 #: checkpoint key naming the state-dict prefix of the trunk's weights (default ``TRUNK_PREFIX``)

@@ -21,11 +21,12 @@ none of the three modules imports another:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from typing import Protocol, runtime_checkable
 
-from torch import nn
+from torch import Tensor, nn
 
-__all__ = ["TaskAssignment", "TaskModules", "TaskParallel", "tasks_of_rank"]
+__all__ = ["GradientSlots", "TaskAssignment", "TaskModules", "TaskParallel", "tasks_of_rank"]
 
 
 @runtime_checkable
@@ -62,6 +63,32 @@ class TaskModules(Protocol):
         ...
 
 
+class GradientSlots(Protocol):
+    """Per-task gradient slots reduced across ranks, as the module's concurrent step drives them
+    (:class:`mtssl_lightning.distributed.gradient_slots.GradientSlots` is one)."""
+
+    def begin(self) -> None:
+        """Zero every slot."""
+        ...
+
+    def collect(self, slot: str, tasks: Sequence[str], scale: float, launch: bool) -> AbstractContextManager[None]:
+        """Around a backward pass: its gradients (× ``scale``) go into ``slot`` (and ``tasks``' own
+        parameters'); with ``launch``, reductions start as the slot's buckets complete."""
+        ...
+
+    def finish(self) -> None:
+        """Complete every reduction: each slot holds its sum over the ranks."""
+        ...
+
+    def assign(self, slot: str, tasks: Sequence[str]) -> None:
+        """Point ``.grad`` of the shared parameters and of ``tasks``' own ones at ``slot``'s reduced gradient."""
+        ...
+
+    def shared_gradient(self, slot: str) -> list[Tensor]:
+        """``slot``'s reduced gradient of the shared parameters (flat pieces)."""
+        ...
+
+
 @runtime_checkable
 class TaskParallel(TaskAssignment, Protocol):
     """A :class:`TaskAssignment` strategy that the module asks to reduce gradients and sync buffers."""
@@ -73,4 +100,17 @@ class TaskParallel(TaskAssignment, Protocol):
 
     def sync_buffers(self, module: TaskModules) -> None:
         """After a training step, make the buffers (BatchNorm statistics …) equal on every rank."""
+        ...
+
+    def task_scale(self, name: str) -> float:
+        """``1 / (number of ranks that run task name)``: one rank's share of the task's mean."""
+        ...
+
+    def task_slots(self, module: TaskModules, slots: Sequence[str], own: Sequence[str]) -> GradientSlots:
+        """Per-task gradient slots (``slots``) over the shared modules plus the own parameters of
+        ``own``, reduced over all ranks (the concurrent step)."""
+        ...
+
+    def task_means(self, values: dict[str, Tensor], tasks: Sequence[str], width: int = 1) -> dict[str, Tensor]:
+        """``{task: mean over its ranks of values[task]}`` (``(width,)`` tensors) for all ``tasks``, on every rank."""
         ...

@@ -94,7 +94,8 @@ class MultiTaskSSL(TaskStepping, pl.LightningModule):
         check_every_n_steps: how often the host reads what the device counted (non-finite
             updates): one sync every that many training steps.
         grad_norm_every_n_steps: every that many training steps, log ``grad_norm/<task>``: the
-            norm of each task's (weighted) loss gradient on the shared trunk, this rank's. With one
+            norm of each task's (weighted) loss gradient on the shared trunk (task-parallel: of its
+            mean gradient with one optimizer per task, the mean of its ranks' norms in sum mode). With one
             optimizer per task it is read after the task's backward (free); in sum mode it costs
             one extra backward pass per task on those steps, and is not logged with ``compile``
             (a compiled backward frees its buffers, so the graph cannot be walked twice). 0 = never.
@@ -223,9 +224,10 @@ class MultiTaskSSL(TaskStepping, pl.LightningModule):
         features = self.mixers[name](output.units) if self.mixing == "lasso" else output.features
         return self.tasks[name](features, batch)
 
-    def task_loss(self, name: str, sub: TaskBatch, stage: str) -> Tensor:
-        """Forward (under the run's precision), then loss, logs and metric update of one task in
-        float32 with autocast off; returns its (unweighted) float32 loss."""
+    def task_loss(self, name: str, sub: TaskBatch, stage: str, log_loss: bool = True) -> Tensor:
+        """Forward (under the run's precision), then loss, logs (the loss itself unless not
+        ``log_loss``: task-parallel ranks log its mean over the task's ranks) and metric update of
+        one task in float32 with autocast off; returns its (unweighted) float32 loss."""
         task = self.tasks[name]
         prediction = self.task_forward(name, sub)
         with torch.autocast(device_type=prediction.device.type, enabled=False):
@@ -235,7 +237,8 @@ class MultiTaskSSL(TaskStepping, pl.LightningModule):
             metrics.update(*task.metric_inputs(prediction.detach(), sub))
         size = sub.inputs.shape[0]
         # a progress-bar value is read on the host every step: only validation's epoch values go there
-        self.log(f"{stage}/{name}/loss", loss, batch_size=size, prog_bar=stage == "val", on_step=stage == "train", on_epoch=True)
+        if log_loss:
+            self.log(f"{stage}/{name}/loss", loss, batch_size=size, prog_bar=stage == "val", on_step=stage == "train", on_epoch=True)
         self.log_dict(metrics, batch_size=size, on_step=False, on_epoch=True)
         return loss
 
@@ -274,8 +277,7 @@ class MultiTaskSSL(TaskStepping, pl.LightningModule):
             weighted = self.tasks[name].loss_weight * self.task_loss(name, sub, stage)
             # (a compiled trunk's backward frees its buffers: no second backward through it, no per-task norm)
             if stage == "train" and self.grad_norm_due() and weighted.requires_grad and not self.compile_trunk:
-                trunk = list(self.trunk.parameters())
-                self.log_trunk_grad_norm(name, torch.autograd.grad(weighted, trunk, retain_graph=True, allow_unused=True))
+                self.log(f"grad_norm/{name}", self.trunk_grad_norm(weighted), on_step=True, on_epoch=False, batch_size=1)
             total = weighted if total is None else total + weighted
         assert total is not None, "a batch with no task sub-batch"
         self.log(f"{stage}/loss", total, batch_size=1, on_step=stage == "train", on_epoch=True)
@@ -314,11 +316,14 @@ class MultiTaskSSL(TaskStepping, pl.LightningModule):
         self.log_host_values({"train/skipped_files": self._skipped_files, "train/nonfinite_skipped": self._nonfinite_skipped})
         if self.mixing == "lasso":
             self._log_alpha()
-        if self.combine == "sum":
+        if self.combine == "sum" and self._task_parallel is not None:
+            loss = self.parallel_sum_loss(batch, names)  # sets self._finite, settled in optimizer_step
+        elif self.combine == "sum":
             loss = self._shared_step(batch, "train", names)
             penalty = self.penalty(names)
             loss = loss if penalty is None else loss + penalty
             self._finite = self.agreed(torch.isfinite(loss.detach()))  # settled in optimizer_step
+        if self.combine == "sum":
             self._train_steps += 1
             return loss
         self.per_task_step(batch, names)

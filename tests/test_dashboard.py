@@ -92,3 +92,37 @@ def test_alpha_heatmap_is_an_rgb_image_with_one_row_per_task():
     image = alpha_heatmap(alpha, ["rp", "col"])
     assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
     assert image.shape[0] > 50 and image.shape[1] > 50 and image.std() > 10  # not blank
+
+
+#: each task's training metric (see each task's `make_metrics`)
+METRICS = {"rp": "accuracy", "col": "top_bin_acc", "ex": "retrieval_acc", "ms": "iou"}
+
+
+@pytest.mark.slow
+def test_a_task_parallel_run_shows_every_task_on_the_dashboard(tmp_path):
+    """2 gloo processes, rank 0 training RP and Col, rank 1 Ex and MS (combine: concurrent): rank 0's
+    W&B run still holds every task's loss, training metric, trunk gradient norm and picture."""
+    ranks = "{rp: [0], col: [0], ex: [1], ms: [1]}"
+    _fit(
+        tmp_path, "--trainer.max_epochs=1", "--trainer.devices=2", "--trainer.limit_val_batches=0",
+        "--trainer.strategy=mtssl_lightning.distributed.TaskParallelStrategy",
+        f"--trainer.strategy.task_ranks={ranks}", "--trainer.strategy.start_method=spawn",
+        "--model.init_args.combine=concurrent", "--model.init_args.grad_norm_every_n_steps=1",
+        "--trainer.callbacks.media_every_n_steps=1",
+    )
+    wandb.finish()
+    [run_dir] = _run_dirs(tmp_path)
+    rows = read_history(run_dir)
+    keys = set().union(*rows)
+    expected = set()
+    for task in TASKS:
+        expected |= {f"train/{task}/loss_step", f"train/{task}/loss_epoch", f"train/{task}/{METRICS[task]}",
+                     f"grad_norm/{task}", f"media/{task}/{PICTURES[task]}"}
+    assert expected <= keys, sorted(expected - keys)
+    for task in TASKS:  # a loss and a norm, not a placeholder: finite and positive
+        losses = [row[f"train/{task}/loss_step"] for row in rows if f"train/{task}/loss_step" in row]
+        norms = [row[f"grad_norm/{task}"] for row in rows if f"grad_norm/{task}" in row]
+        assert losses and norms and all(0 < v < float("inf") for v in losses + norms), (task, losses, norms)
+        value = next(row[f"media/{task}/{PICTURES[task]}"] for row in rows if f"media/{task}/{PICTURES[task]}" in row)
+        # (the PNG files reach files/ when the run finishes: a spawned rank 0 exits without wandb.finish)
+        assert value["width"] > 16 and value["height"] > 16 and image_path(value), (task, value)

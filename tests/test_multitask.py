@@ -220,8 +220,9 @@ def test_every_schedule_follows_training_steps_whether_its_task_ran_or_not(tmp_p
 
 @pytest.mark.parametrize("options", [
     {"combine": "alternate", "mixing": "lasso"},
+    {"combine": "concurrent", "mixing": "lasso"},
     {"combine": "sum", "mixing": "naive"},
-], ids=["alternate-lasso", "sum-naive"])
+], ids=["alternate-lasso", "concurrent-lasso", "sum-naive"])
 def test_resume_continues_exactly(tmp_path, options) -> None:
     """N = 6 steps in one run equal 3 steps, a checkpoint, and 3 more steps after resuming:
     same parameters, same optimizer states (all optimizers), same LR schedulers."""

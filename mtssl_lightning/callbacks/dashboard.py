@@ -12,12 +12,16 @@
   for queued kernels, which is what matters for "is the GPU starved";
 
 and, for :class:`~mtssl_lightning.MultiTaskSSL`, every ``media_every_n_steps`` training steps
-(on global rank 0, to every logger that has ``log_image``, i.e. W&B):
+(by global rank 0, to every logger that has ``log_image``, i.e. W&B):
 
 * ``media/<task>/<picture>``: each task's :meth:`~mtssl_lightning.tasks.base.Task.pictures` of
   the current training batch with the model's predictions (relative-position pairs with true
   and predicted positions, colorization input/prediction/truth, exemplar views, motion masks);
 * ``lasso/alpha_heatmap``: the lasso weights α as a tasks × units heatmap (lasso mode).
+
+Under a task-parallel strategy rank 0 does not have every task's batch: each task's pictures are
+drawn by the lowest rank that trains it, from its own batch, and gathered to rank 0 with one
+``gather_object`` (a few small uint8 images per task) — every rank takes part on those steps.
 
 The per-task gradient norm on the shared trunk (``grad_norm/<task>``) is logged by
 ``MultiTaskSSL`` itself, which has the task losses.
@@ -36,6 +40,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
 from mtssl_lightning.device_scalars import DeviceScalars
+from mtssl_lightning.interfaces import tasks_of_rank
 
 
 def alpha_heatmap(alpha: Tensor, tasks: list[str]) -> np.ndarray:
@@ -102,10 +107,8 @@ class TrainingDashboard(Callback):
             pl_module.log_dict(self._scalars(metrics, pl_module.device), on_step=True, on_epoch=False, batch_size=1)
         self._log_learning_rates(trainer, pl_module)
         step = trainer.global_step
-        if self.media_every_n_steps and step % self.media_every_n_steps == 0 and trainer.is_global_zero:
-            loggers = _image_loggers(trainer)
-            if loggers:
-                self._log_media(pl_module, batch, loggers, step)
+        if self.media_every_n_steps and step % self.media_every_n_steps == 0:
+            self._log_media(trainer, pl_module, batch, step)
         self._last_end = time.perf_counter()  # after our own work, so pictures do not count as data wait
 
     def _log_learning_rates(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -123,27 +126,44 @@ class TrainingDashboard(Callback):
         pl_module.log_dict(self._scalars(rates, pl_module.device), on_step=True, on_epoch=False, batch_size=1)
 
     # -------------------------------------------------------------------- media
-    @torch.no_grad()
-    def _log_media(self, pl_module: pl.LightningModule, batch: Any, loggers: list[Any], step: int) -> None:
+    def _log_media(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, step: int) -> None:
         tasks = getattr(pl_module, "tasks", None)
         if tasks is None or not isinstance(batch, dict):
             return
+        gather = trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+        if not gather and not (trainer.is_global_zero and _image_loggers(trainer)):
+            return
+        names = list(tasks)
+        rank = trainer.global_rank
+        # the tasks whose pictures this rank draws: those no lower rank trains (all, on rank 0, without task-parallelism)
+        lower = {t for r in range(rank) for t in tasks_of_rank(trainer.strategy, r, names)}
+        mine = [t for t in tasks_of_rank(trainer.strategy, rank, names) if t not in lower]
+        pictures = self._pictures(pl_module, {t: batch.get(t) for t in mine})
+        if gather:
+            everyone: list[Any] | None = [None] * trainer.world_size if trainer.is_global_zero else None
+            torch.distributed.gather_object(pictures, everyone, dst=0)
+            pictures = {k: v for part in everyone or [] for k, v in part.items()}
+        loggers = _image_loggers(trainer) if trainer.is_global_zero else []
+        mixers = getattr(pl_module, "mixers", None)
+        if loggers and getattr(pl_module, "mixing", None) == "lasso" and mixers:
+            pictures["lasso/alpha_heatmap"] = alpha_heatmap(torch.stack([mixers[name].alpha for name in tasks]), names)
+        for key in sorted(pictures):
+            for logger in loggers:
+                logger.log_image(key=key, images=[pictures[key]], step=step)
+
+    @torch.no_grad()
+    def _pictures(self, pl_module: pl.LightningModule, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+        """``{"media/<task>/<picture>": uint8 (H, W, 3)}`` of the tasks in ``batch`` with the model's predictions."""
+        out: dict[str, np.ndarray] = {}
         was_training = pl_module.training
         pl_module.eval()  # predictions with running BN statistics, and no BN statistics updated
         try:
             for name, sub in batch.items():
-                if sub is None or name not in tasks:
+                if sub is None:
                     continue
                 prediction = pl_module.task_forward(name, sub)
-                for key, picture in tasks[name].pictures(sub, prediction, max_items=self.max_items).items():
-                    image = (picture.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-                    for logger in loggers:
-                        logger.log_image(key=f"media/{name}/{key}", images=[image], step=step)
-            mixers = getattr(pl_module, "mixers", None)
-            if getattr(pl_module, "mixing", None) == "lasso" and mixers:
-                alpha = torch.stack([mixers[name].alpha for name in tasks])
-                heatmap = alpha_heatmap(alpha, list(tasks))
-                for logger in loggers:
-                    logger.log_image(key="lasso/alpha_heatmap", images=[heatmap], step=step)
+                for key, picture in pl_module.tasks[name].pictures(sub, prediction, max_items=self.max_items).items():
+                    out[f"media/{name}/{key}"] = (picture.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
         finally:
             pl_module.train(was_training)
+        return out

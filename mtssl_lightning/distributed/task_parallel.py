@@ -1,29 +1,37 @@
 """Task-parallel training, as in the paper: each rank (GPU) runs a configured subset of the tasks.
 
 The paper trained each task on its own GPUs: the trunk is shared by all workers, a head only by
-the workers of its task. :class:`TaskParallelStrategy` is Lightning's DDP strategy (process
-groups, launchers, SLURM / torchrun environments, samplers) without the
-``DistributedDataParallel`` wrapper — DDP assumes that every rank runs the same graph — and with
-an explicit gradient reduction after each backward pass, called by
-:class:`~mtssl_lightning.MultiTaskSSL`:
+the workers of its task, each task with its own RMSProp. :class:`TaskParallelStrategy` is
+Lightning's DDP strategy (process groups, launchers, SLURM / torchrun environments, samplers)
+without the ``DistributedDataParallel`` wrapper — DDP assumes that every rank runs the same graph
+— and with explicit gradient reductions that :class:`~mtssl_lightning.MultiTaskSSL` drives
+(``R_t`` = the ranks of task ``t``):
 
-* ``combine: sum``: trunk gradients are averaged over **all** ranks (each rank's gradient is the
-  sum over its own tasks); the gradients of task ``t``'s head (and lasso weights) are averaged
-  over the ranks that run ``t``;
-* ``combine: alternate``: every rank walks through every task of the step in the same order;
-  for task ``t`` the gradients of its optimizer's parameters (trunk, head, lasso weights) are
-  averaged over the ranks that run ``t`` (the others contribute nothing), and every rank then
-  takes the same step with ``t``'s optimizer.
+* ``combine: concurrent`` (the paper's configs): every rank computes its tasks' forward and
+  backward at the same parameters, at the same time; the gradients go into per-task slots
+  (trunk + the task's head / lasso weights, × 1/|R_t|, zeros for tasks the rank does not run)
+  and one bucketed SUM all-reduce, overlapped with backward, gives every rank every task's mean
+  gradient (:mod:`mtssl_lightning.distributed.gradient_slots`). Every rank then steps the task
+  optimizers in turn, each with its own gradient: the synchronous equivalent of the paper's
+  asynchronous workers, and exactly what ``concurrent`` computes on one device.
+* ``combine: sum``: each rank's loss is ``Σ_t w_t · loss_t / |R_t|`` over its tasks; one SUM
+  all-reduce of all gradients makes the trunk's ``Σ_t mean_{r ∈ R_t} ∇ w_t loss_t`` and each
+  head's the mean over its task's ranks — plain DDP's update on the same per-task batches.
+* ``combine: alternate``: every rank walks through every task of the step in the same order; for
+  task ``t`` its optimizer's gradient is averaged over ``R_t`` (the others contribute zeros) and
+  every rank takes the same step. Task t's gradient is taken after task t−1's update, so the
+  ranks take turns: the ranks of other tasks wait. Use ``concurrent`` for speed.
 
-The reduction is one all-reduce over the world group per backward pass, on a flat buffer in
-which ranks that do not run a task contribute zeros, scaled per parameter by 1 / (number of
-ranks that contributed). Every rank therefore applies identical updates to *every* parameter
-and keeps identical optimizer states — the trunk stays identical on all ranks, and rank 0's
-checkpoint is complete even for heads it does not train. (Reducing each head over a process
-group of its task's ranks would save bandwidth on heads but leave the other ranks' copies
-stale.) After each training batch, floating-point buffers (BatchNorm running statistics) of
-the trunk are averaged over all ranks (counters copied from rank 0) and each task's buffers are
-copied from the first rank that runs it.
+Communication per step (elements; × the gradients' dtype size): ``concurrent`` and ``alternate``
+``T · P_trunk + Σ_t P_head(t)``, ``sum`` ``P_trunk + Σ_t P_head(t)`` (as DDP); plus one float64
+all-reduce of all buffers and a ``T``-float all-reduce of the task losses.
+
+Every rank applies identical updates to *every* parameter and keeps identical optimizer states
+— the trunk stays identical on all ranks, and rank 0's checkpoint is complete even for heads it
+does not train. (Reducing each head over a process group of its task's ranks would save
+bandwidth on heads but leave the other ranks' copies stale.) After each training batch, one
+float64 all-reduce averages the trunk's floating buffers (BatchNorm running statistics) over all
+ranks, copies its counters from rank 0 and each task's buffers from the first rank that runs it.
 
 ``trainer.strategy: ddp_find_unused_parameters_true`` gives plain DDP (all ranks, all tasks).
 """
@@ -36,8 +44,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy
-from torch import Tensor, nn
+from torch import Tensor
 
+from mtssl_lightning.distributed.gradient_slots import DEFAULT_BUCKET_BYTES, GradientSlots
 from mtssl_lightning.interfaces import TaskModules
 
 __all__ = ["TaskParallelStrategy", "broadcast_flat"]
@@ -64,14 +73,17 @@ class TaskParallelStrategy(DDPStrategy):
     Args:
         task_ranks: ``{task: [global ranks that run it]}``; every task of the model needs at
             least one rank and every rank at least one task. Tasks not listed run on all ranks.
+        bucket_bytes: the largest gradient bucket of one all-reduce (DDP's default, 25 MiB).
         **kwargs: passed to :class:`~lightning.pytorch.strategies.DDPStrategy` (e.g.
             ``start_method``, ``process_group_backend``, ``timeout``).
     """
 
     strategy_name = "task_parallel"
 
-    def __init__(self, task_ranks: dict[str, list[int]], **kwargs: Any) -> None:
+    def __init__(self, task_ranks: dict[str, list[int]], bucket_bytes: int = DEFAULT_BUCKET_BYTES, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.bucket_bytes = bucket_bytes
+        self._slots: dict[tuple[tuple[str, ...], tuple[str, ...]], GradientSlots] = {}
         if not task_ranks:
             raise ValueError("TaskParallelStrategy: `task_ranks` is empty; give {task: [ranks]}")
         self.task_ranks = {name: sorted(set(int(r) for r in ranks)) for name, ranks in task_ranks.items()}
@@ -109,62 +121,83 @@ class TaskParallelStrategy(DDPStrategy):
                 f"mtssl_lightning.interfaces.TaskModules, e.g. MultiTaskSSL); got {type(module).__name__}"
             )
         self._check_assignment(module.task_names())
-        if dist.is_available() and dist.is_initialized() and self.world_size > 1:
+        if self._distributed():
             broadcast_flat([*module.parameters(), *module.buffers()], src=0)
 
     # ------------------------------------------------------------ reductions
-    @staticmethod
-    def _parameters(modules: list[nn.Module]) -> list[nn.Parameter]:
-        return [p for m in modules for p in m.parameters()]
+    def task_scale(self, name: str) -> float:
+        """``1 / |ranks of task name|``: a rank's share of the task's mean gradient."""
+        return 1.0 / len(self.ranks_of_task(name))
 
-    def _parameter_groups(self, module: TaskModules, task: str | None) -> list[tuple[list[nn.Parameter], int]]:
-        """``[(parameters, contributing ranks)]`` reduced after a backward pass of ``task`` (or of all tasks)."""
-        shared = self._parameters(module.shared_modules())
-        if task is not None:
-            return [(shared + self._parameters(module.task_modules(task)), len(self.ranks_of_task(task)))]
-        groups = [(shared, self.world_size)]
-        groups += [(self._parameters(module.task_modules(name)), len(self.ranks_of_task(name))) for name in module.task_names()]
-        return groups
+    def task_slots(self, module: TaskModules, slots: Sequence[str], own: Sequence[str]) -> GradientSlots:
+        """The (cached) :class:`~mtssl_lightning.distributed.gradient_slots.GradientSlots` with one
+        slot per name in ``slots`` over the shared modules, and the own parameters of ``own``."""
+        key = (tuple(slots), tuple(own))
+        if key not in self._slots:
+            shared = [p for m in module.shared_modules() for p in m.parameters()]
+            owned = {name: [p for m in module.task_modules(name) for p in m.parameters()] for name in own}
+            self._slots[key] = GradientSlots(shared, owned, slots, self.bucket_bytes)
+        return self._slots[key]
 
     def reduce_task_gradients(self, module: TaskModules, task: str | None) -> None:
-        """Average the gradients of the last backward pass across ranks (see the module docstring).
+        """After a backward pass, make every rank hold the gradients the update needs.
 
-        Parameters without a gradient on this rank contribute zeros; afterwards every rank holds
-        the same averaged gradient for every parameter of the reduced groups.
+        ``task`` given (``alternate``): the gradient of task's optimizer (trunk, head, lasso
+        weights) averaged over the task's ranks; ``None`` (``sum``, whose loss the module scaled
+        by :meth:`task_scale` per task): every gradient summed over all ranks. Either way one
+        bucketed SUM all-reduce, in which ranks without a gradient contribute zeros.
         """
-        if not dist.is_available() or not dist.is_initialized() or self.world_size == 1:
+        if not self._distributed():
             return
-        groups = self._parameter_groups(module, task)
-        params = [p for ps, _ in groups for p in ps if p.requires_grad]
-        if not params:
-            return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        offset = 0
-        for ps, ranks in groups:
-            for p in ps:
-                if not p.requires_grad:
-                    continue
-                n = p.numel()
-                p.grad = (flat[offset : offset + n] / ranks).view_as(p).to(p.dtype)
-                offset += n
+        names = module.task_names() if task is None else [task]
+        slots = self.task_slots(module, ["all" if task is None else task], names)
+        slots.begin()
+        local = [n for n in names if self.global_rank in self.ranks_of_task(n)]
+        if local:
+            slots.add(slots.slots[0], local, 1.0 if task is None else self.task_scale(task))
+        slots.finish()
+        slots.assign(slots.slots[0], names)
+
+    def task_means(self, values: dict[str, Tensor], tasks: Sequence[str], width: int = 1) -> dict[str, Tensor]:
+        """``{task: mean over its ranks of values[task]}`` for every task in ``tasks``, on every rank.
+
+        ``values`` holds this rank's ``(width,)`` float tensors for its tasks (a rank may hold none);
+        one all-reduce of a ``(len(tasks), width)`` float32 tensor. A NaN or inf on any rank stays
+        in the mean, so the mean of a loss also says whether it was finite on every rank.
+        """
+        table = torch.zeros(len(tasks), width, dtype=torch.float32, device=self.root_device)
+        for i, name in enumerate(tasks):
+            if name in values:
+                table[i] = values[name].float() * self.task_scale(name)
+        if self._distributed():
+            dist.all_reduce(table, op=dist.ReduceOp.SUM)
+        return {name: table[i] for i, name in enumerate(tasks)}
 
     def sync_buffers(self, module: TaskModules) -> None:
-        """Average the trunk's floating buffers over all ranks (its counters: rank 0's); copy each
-        task's buffers from the first rank that runs it."""
-        if not dist.is_available() or not dist.is_initialized() or self.world_size == 1:
+        """One float64 all-reduce: the trunk's floating buffers averaged over all ranks, its
+        counters (``num_batches_tracked``) rank 0's, each task's buffers those of its first rank."""
+        if not self._distributed():
             return
-        shared = [b for m in module.shared_modules() for b in m.buffers()]
-        trunk = [b for b in shared if b.is_floating_point()]
-        if trunk:
-            flat = torch.cat([b.reshape(-1).to(torch.float64) for b in trunk])
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-            flat /= self.world_size
-            offset = 0
-            for b in trunk:
-                b.copy_(flat[offset : offset + b.numel()].view_as(b).to(b.dtype))
-                offset += b.numel()
-        broadcast_flat([b for b in shared if not b.is_floating_point()], src=0)  # counters (num_batches_tracked): rank 0's
+        rank, contributions = self.global_rank, []
+        for b in (b for m in module.shared_modules() for b in m.buffers()):
+            share = 1.0 / self.world_size if b.is_floating_point() else float(rank == 0)
+            contributions.append((b, share))
         for name in module.task_names():
-            broadcast_flat([b for m in module.task_modules(name) for b in m.buffers()], src=self.ranks_of_task(name)[0])
+            first = float(rank == self.ranks_of_task(name)[0])
+            contributions += [(b, first) for m in module.task_modules(name) for b in m.buffers()]
+        if not contributions:
+            return
+        # float64 holds int64 counters exactly up to 2**53 and float32 statistics exactly
+        # (a rank that does not contribute sends zeros, not 0 × value: a NaN there must not leak in)
+        flat = torch.cat([
+            b.detach().reshape(-1).to(torch.float64) * share if share else torch.zeros(b.numel(), dtype=torch.float64, device=b.device)
+            for b, share in contributions
+        ])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        offset = 0
+        for b, _ in contributions:
+            b.copy_(flat[offset : offset + b.numel()].view_as(b).to(b.dtype))
+            offset += b.numel()
+
+    def _distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized() and self.world_size > 1
