@@ -19,7 +19,7 @@ import os
 import struct
 import zlib
 
-from PIL import Image, JpegImagePlugin
+from PIL import Image, JpegImagePlugin, PngImagePlugin
 
 __all__ = ["header_size"]
 
@@ -37,8 +37,8 @@ _SEGMENT = frozenset(m & 0xFF for m, (_, _, h) in JpegImagePlugin.MARKER.items()
 _SOS = 0xDA
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-#: PNG (bit depth, colour type) pairs Pillow opens
-_PNG_MODES = frozenset({(1, 0), (2, 0), (4, 0), (8, 0), (16, 0), (8, 2), (16, 2), (1, 3), (2, 3), (4, 3), (8, 3), (8, 4), (16, 4), (8, 6), (16, 6)})
+#: PNG (bit depth, colour type) pairs Pillow opens: its own table, like the JPEG markers above
+_PNG_MODES = frozenset(PngImagePlugin._MODES)
 #: chunks that may come before the image data, with the least length Pillow's handler accepts;
 #: any other chunk (or a text chunk over 1 MB) is left to Pillow
 _PNG_CHUNKS = {b"PLTE": 0, b"gAMA": 4, b"cHRM": 32, b"sRGB": 1, b"pHYs": 9, b"tEXt": 0, b"tIME": 0, b"bKGD": 0, b"sBIT": 0}
