@@ -236,42 +236,47 @@ def crop_patches(
     raise ValueError(f"method must be 'unfold' or 'roi_align', got {method!r}")
 
 
-def downsample_upsample(patches: Tensor, sides: Tensor, max_side: int | None = None) -> Tensor:
+def downsample_upsample(patches: Tensor, sides: Tensor) -> Tensor:
     """Down-sample each patch to its own side, then up-sample back: ``(M, C, p, p)`` -> same.
 
-    Batched over patches of different target sizes. Down-sampling is an area-style average
-    (``roi_align`` with ``ceil(p / side)²`` samples per output pixel, exact area averaging when
-    ``side`` divides ``p``); up-sampling is bilinear with half-pixel centres (like
-    ``F.interpolate(..., mode="bilinear", align_corners=False)``).
+    Batched over patches of different target sizes, as one linear map per patch: both steps are
+    separable, so ``out = R X Rᵀ`` with ``R = U A`` ``(M, p, p)``. ``A`` ``(s, p)`` is exact area
+    averaging (row ``j`` weighs each pixel by its overlap with ``[j p / s, (j + 1) p / s)``; the same
+    as ``F.interpolate(mode="area")`` when ``s`` divides ``p``); ``U`` ``(p, s)`` is bilinear with
+    half-pixel centres (``F.interpolate(mode="bilinear", align_corners=False)``). Why matrices
+    rather than ``roi_align`` + ``grid_sample``: a fixed amount of work whatever the sides (no
+    largest side to read back from the device, no canvas sampled at the smallest side's rate),
+    two small batched matmuls.
 
     Args:
         patches: ``(M, C, p, p)`` float patches.
         sides: ``(M,)`` int64 down-sampled side of each patch, in ``[1, p]``.
-        max_side: an upper bound of ``sides`` (the sampler's largest side): the intermediate
-            canvas is that big, so nothing is read back from the device; ``None`` = ``sides.max()``
-            (one host sync).
     """
     count, _, size, _ = patches.shape
     if count == 0:
         return patches
-    sides = sides.to(device=patches.device, dtype=torch.int64).clamp(1, size)
-    canvas = min(max_side, size) if max_side is not None else int(sides.max().item())
-    dtype = patches.dtype
-    # 1) down: a box of side p * canvas / s maps the first s output bins onto the patch; the
-    #    remaining canvas bins fall outside and are never read below
-    extent = size * canvas / sides.to(dtype)
-    zero = torch.zeros_like(extent)
-    rois = torch.stack([torch.arange(count, device=patches.device, dtype=dtype), zero, zero, extent, extent], dim=1)
-    small = roi_align(patches, rois, output_size=(canvas, canvas), spatial_scale=1.0, sampling_ratio=0, aligned=True)
-    # 2) up: half-pixel-centre source coordinates, clamped to each patch's valid s x s region
-    centres = torch.arange(size, device=patches.device, dtype=dtype) + 0.5
-    src = (centres[None, :] * sides[:, None].to(dtype) / size - 0.5).clamp(min=0.0)
-    src = torch.minimum(src, (sides[:, None] - 1).to(dtype))  # (M, p) in canvas pixels
-    norm = src * (2.0 / max(canvas - 1, 1)) - 1.0 if canvas > 1 else torch.zeros_like(src)
-    grid = torch.stack(
-        [norm[:, None, :].expand(-1, size, -1), norm[:, :, None].expand(-1, -1, size)], dim=-1
-    )  # (M, p, p, 2) as (x, y)
-    return F.grid_sample(small, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    resample = _resampling_matrices(sides.to(device=patches.device).clamp(1, size), size, patches.dtype)  # (M, p, p)
+    return resample[:, None] @ patches @ resample[:, None].transpose(-1, -2)
+
+
+def _resampling_matrices(sides: Tensor, size: int, dtype: torch.dtype) -> Tensor:
+    """``(M, size, size)`` bilinear-up @ area-down matrices for ``(M,)`` sides (rows/columns past a
+    side are zero in the intermediate ``size``-wide space)."""
+    device = sides.device
+    side = sides.to(dtype)[:, None, None]  # (M, 1, 1)
+    index = torch.arange(size, device=device, dtype=dtype)
+    # A[m, j, x]: overlap of pixel [x, x + 1) with bin [j p / s, (j + 1) p / s), over the bin's width
+    width = size / side
+    lo, hi = index[None, :, None] * width, (index[None, :, None] + 1) * width  # (M, p, 1) bin edges
+    overlap = (torch.minimum(hi, index[None, None, :] + 1) - torch.maximum(lo, index[None, None, :])).clamp(min=0)
+    area = torch.where(index[None, :, None] < side, overlap / width, 0.0)  # (M, p bins, p pixels)
+    # U[m, i, j]: output pixel i's bilinear weight on bin j (half-pixel centres, clamped to the bins)
+    src = ((index[None, :, None] + 0.5) * side / size - 0.5).clamp(min=0.0)  # (M, p, 1)
+    src = torch.minimum(src, side - 1)
+    below = src.floor()
+    frac = src - below
+    up = (1 - frac) * (index[None, None, :] == below) + frac * (index[None, None, :] == below + 1)  # (M, p, p bins)
+    return up @ area
 
 
 def colour_transform(patches: Tensor, mode: ColourMode, generator: torch.Generator | None = None) -> Tensor:
@@ -526,7 +531,7 @@ class RelativePositionSampler(TaskSampler):
             low = max(1, round(self.downsample_scale[0] * self.patch_size))
             high = max(low, round(self.downsample_scale[1] * self.patch_size))
             sides = torch.randint(low, high + 1, (count,), device=device, generator=generator)
-            resampled = downsample_upsample(patches, sides, max_side=high)
+            resampled = downsample_upsample(patches, sides)
             patches = torch.where(downsampled[:, None, None, None], resampled, patches)
 
         inputs = colour_transform(patches.clamp(0.0, 1.0), self.colour, generator).contiguous()

@@ -170,8 +170,15 @@ def test_downsample_upsample_matches_area_then_bilinear() -> None:
             F.interpolate(patches[i : i + 1], size=s, mode="area"), size=24, mode="bilinear", align_corners=False
         )
         torch.testing.assert_close(out[i : i + 1], reference, rtol=0, atol=1e-5)
-    # odd sizes work too and lose detail (a low-pass image keeps the mean)
-    odd = downsample_upsample(patches, torch.tensor([5, 7, 10, 23]))
+    # sides that do not divide 24: exact area averaging, i.e. area pooling of the patch repeated
+    # s times along each axis (nearest up-sampling by s, then s x s bins of 24 x 24 pixels each)
+    odd_sides = torch.tensor([5, 7, 10, 23])
+    odd = downsample_upsample(patches, odd_sides)
+    for i, s in enumerate(odd_sides.tolist()):
+        small = F.interpolate(F.interpolate(patches[i : i + 1], size=24 * s, mode="nearest"), size=s, mode="area")
+        reference = F.interpolate(small, size=24, mode="bilinear", align_corners=False)
+        torch.testing.assert_close(odd[i : i + 1], reference, rtol=0, atol=1e-5)
+    # and they lose detail (a low-pass image keeps the mean)
     assert odd.shape == patches.shape and torch.isfinite(odd).all()
     torch.testing.assert_close(odd.mean(dim=(1, 2, 3)), patches.mean(dim=(1, 2, 3)), atol=0.03, rtol=0)
     assert (odd.std(dim=(2, 3)) < patches.std(dim=(2, 3))).all()
