@@ -20,8 +20,9 @@ Modes:
 What is not rolled back: the optimizers' ``step`` counters (CPU tensors for torch's default
 implementations; rolling them back would need the flag on the host). RMSprop and SGD do not use
 them in the update; Adam's bias correction then runs one step ahead after a skip. The cost of a
-guarded update: two flat copies of the tensors it can change (kept between steps); one fused copy
-in before the update and, after it, one fused copy out, one ``where`` and one fused copy back.
+guarded update: one flat copy of the tensors it can change (kept between steps), plus one scratch
+buffer per dtype shared by all updates; one fused copy in before the update and, after it, one
+fused copy out, one ``where`` and one fused copy back.
 """
 
 from __future__ import annotations
@@ -44,21 +45,24 @@ _KEEP_GROUPS = 16
 
 
 class _FlatGroup:
-    """Tensors of one dtype and device mirrored into two flat buffers: ``saved`` (the values from
-    before an update) and ``stage`` (the live values, gathered to choose between the two).
+    """Tensors of one dtype and device mirrored into a flat ``saved`` buffer (the values from
+    before an update); the choice between live and saved values is made in a flat ``stage``
+    buffer borrowed from a scratch shared by every group of that dtype and device.
 
     Why flat: the choice ``where(ok, live, saved)`` is then one op on one buffer instead of one per
     tensor (a step guards ~300 tensors per optimizer; on a GPU each would be a kernel launch), and
-    copying in and out are single fused ``_foreach_copy_`` calls on views made once.
+    copying in and out are single fused ``_foreach_copy_`` calls on views made once. Why a shared
+    stage: it only lives inside :meth:`restore_unless`, so the groups of all the sets a guard keeps
+    (in alternate mode one per task optimizer, each holding the trunk) need one between them.
     """
 
-    def __init__(self, tensors: list[Tensor]) -> None:
+    def __init__(self, tensors: list[Tensor], scratch: _Scratch) -> None:
         self.tensors = tensors
         first = tensors[0]
         self.saved = torch.empty(sum(t.numel() for t in tensors), dtype=first.dtype, device=first.device)
-        self.stage = torch.empty_like(self.saved)
         self.saved_views = _views(self.saved, tensors)
-        self.stage_views = _views(self.stage, tensors)
+        self.scratch = scratch
+        self._stage_views: tuple[int, list[Tensor]] | None = None  # views into the scratch, by its storage
 
     def save(self) -> None:
         """Copy the live tensors into ``saved``."""
@@ -66,9 +70,54 @@ class _FlatGroup:
 
     def restore_unless(self, ok: Tensor) -> None:
         """Live tensors := live where ``ok`` (0-d bool on the device) else saved; nothing read back."""
-        torch._foreach_copy_(self.stage_views, self.tensors)
-        torch.where(ok, self.stage, self.saved, out=self.stage)
-        torch._foreach_copy_(self.tensors, self.stage_views)
+        stage = self.scratch.take(self.saved.numel())
+        if self._stage_views is None or self._stage_views[0] != stage.data_ptr():
+            self._stage_views = (stage.data_ptr(), _views(stage, self.tensors))
+        views = self._stage_views[1]
+        torch._foreach_copy_(views, self.tensors)
+        choose(ok, stage, self.saved)
+        torch._foreach_copy_(self.tensors, views)
+
+
+class _Scratch:
+    """One flat buffer per dtype and device, grown to the largest group that borrows it."""
+
+    def __init__(self, dtype: torch.dtype, device: torch.device) -> None:
+        self.buffer = torch.empty(0, dtype=dtype, device=device)
+
+    def take(self, numel: int) -> Tensor:
+        """The first ``numel`` elements of the buffer (reallocated larger when it is too small)."""
+        if self.buffer.numel() < numel:
+            self.buffer = torch.empty(numel, dtype=self.buffer.dtype, device=self.buffer.device)
+        return self.buffer[:numel]
+
+
+#: integer types of each width, for choosing between two float tensors bit for bit
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def choose(ok: Tensor, live: Tensor, saved: Tensor, method: Literal["auto", "where", "bits"] = "auto") -> None:
+    """``live := live if ok else saved``, in place, bit for bit (NaN, inf and -0 included), with ``ok``
+    a 0-d bool on the device and nothing read back.
+
+    ``"where"`` is ``torch.where(ok, live, saved, out=live)``: one pass, what a GPU wants.
+    ``"bits"`` blends the integer views, ``live := ((live ^ saved) & keep) ^ saved`` with ``keep``
+    all ones when ``ok``, else zero: three passes in place, but ~3× faster than ``where`` with a 0-d condition on a CPU (0.30 vs
+    0.85 ms for 1.2 M floats, 2 threads), whose elementwise loop is not vectorised for it.
+    ``"auto"``: ``"where"`` on CUDA, ``"bits"`` elsewhere (both are tested on the CPU).
+    """
+    if method == "auto":
+        method = "where" if live.device.type == "cuda" else "bits"
+    if method == "where":
+        torch.where(ok, live, saved, out=live)
+        return
+    if method != "bits":
+        raise ValueError(f"method must be 'auto', 'where' or 'bits', got {method!r}")
+    kind = _BITS[live.element_size()]
+    live_bits, saved_bits = live.view(kind), saved.view(kind)
+    keep = -ok.to(kind)  # all ones when ok, else 0
+    # in place, no temporary: (live ^ saved) & keep ^ saved  =  live if ok else saved
+    live_bits.bitwise_xor_(saved_bits).bitwise_and_(keep).bitwise_xor_(saved_bits)
 
 
 def _views(flat: Tensor, tensors: list[Tensor]) -> list[Tensor]:
@@ -122,6 +171,7 @@ class UpdateGuard:
         # flat buffers by the tensors they mirror (storage, shape, dtype): made once, reused every step;
         # a few sets live at a time (one per task optimizer in alternate mode, and the whole step's)
         self._groups: dict[tuple, list[_FlatGroup]] = {}
+        self._scratch: dict[tuple[torch.dtype, torch.device], _Scratch] = {}
 
     def begin(self, optimizers: Sequence[torch.optim.Optimizer], modules: Iterable[nn.Module]) -> Snapshot | None:
         """Copy what the next update of ``optimizers`` (and a forward pass of ``modules``) can change."""
@@ -141,7 +191,9 @@ class UpdateGuard:
             by_kind: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
             for t in unique:
                 by_kind.setdefault((t.dtype, t.device), []).append(t)
-            groups = self._groups[key] = [_FlatGroup(ts) for ts in by_kind.values()]
+            groups = self._groups[key] = [
+                _FlatGroup(ts, self._scratch.setdefault(kind, _Scratch(*kind))) for kind, ts in by_kind.items()
+            ]
             while len(self._groups) > _KEEP_GROUPS:  # tensors replaced (e.g. a resume): drop the oldest buffers
                 del self._groups[next(iter(self._groups))]
         for group in groups:
