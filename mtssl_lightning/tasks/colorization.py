@@ -330,15 +330,15 @@ class SoftCrossEntropy(MeanMetric):
         prior_log_probs: Tensor, class_weights: Tensor,
     ) -> None:
         with torch.autocast(device_type=logits.device.type, enabled=False):
-            log_probs = torch.log_softmax(self.logits(logits, prior_log_probs).float(), dim=1).gather(1, target_bins)
-            ce = -(target_weights * log_probs).sum(1)
+            ce = -(target_weights * self.target_log_probs(logits, target_bins, prior_log_probs)).sum(1)
             if self.weighted:
                 ce = class_weights.float()[target_bin] * ce
             super().update(ce.reshape(-1))
 
-    def logits(self, logits: Tensor, prior_log_probs: Tensor) -> Tensor:
-        """The predictions scored: the net's."""
-        return logits
+    def target_log_probs(self, logits: Tensor, target_bins: Tensor, prior_log_probs: Tensor) -> Tensor:
+        """``(B, K, h, w)`` float32 log-probabilities of the K target bins under the predictions
+        scored: the net's."""
+        return torch.log_softmax(logits.float(), dim=1).gather(1, target_bins)
 
 
 class PriorCrossEntropy(SoftCrossEntropy):
@@ -346,9 +346,10 @@ class PriorCrossEntropy(SoftCrossEntropy):
     or weighted like the loss) for a predictor that ignores the image and always outputs the
     training data's smoothed colour prior (the best image-independent guess)."""
 
-    def logits(self, logits: Tensor, prior_log_probs: Tensor) -> Tensor:
-        """The predictions scored: the prior, at every pixel."""
-        return prior_log_probs.view(1, -1, 1, 1).expand(logits.shape[0], -1, *logits.shape[2:])
+    def target_log_probs(self, logits: Tensor, target_bins: Tensor, prior_log_probs: Tensor) -> Tensor:
+        """The predictions scored: the prior, at every pixel (looked up from the ``(Q,)`` vector
+        instead of a ``(B, Q, h, w)`` copy of it)."""
+        return torch.log_softmax(prior_log_probs.float(), dim=0)[target_bins]
 
 
 class AbErrorAuC(Metric):
