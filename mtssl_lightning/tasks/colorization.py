@@ -629,11 +629,15 @@ class Colorization(Task):
         (:class:`PriorCrossEntropy`: always predicting the smoothed training prior) ``ce_prior``
         and ``loss_prior`` (weighted like the loss, with the same weights at the same moment):
         ``ce`` below ``ce_prior`` or ``loss`` below ``loss_prior`` means the net predicts colours
-        from the image, beyond the data's colour statistics."""
+        from the image, beyond the data's colour statistics.
+
+        No compute groups: while the prior warms up every weight is 1, so ``loss_prior`` equals
+        ``ce_prior`` after the first update, and torchmetrics' automatic grouping (by equal
+        states) would then update only one of them for the rest of the run."""
         return MetricCollection({
             "top_bin_acc": TopBinAccuracy(), "ab_auc": AbErrorAuC(), "ce": SoftCrossEntropy(),
             "ce_prior": PriorCrossEntropy(), "loss_prior": PriorCrossEntropy(weighted=True),
-        })
+        }, compute_groups=False)
 
     def metric_inputs(self, prediction: Tensor, batch: TaskBatch) -> tuple[Tensor, ...]:
         """``(logits, target bin (B, h, w), annealed-mean ab, true ab, target bins (B, K, h, w), target

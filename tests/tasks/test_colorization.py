@@ -400,6 +400,33 @@ def test_build_forward_loss_shapes_and_gradients(size: tuple[int, int]) -> None:
     assert rgb.shape == (2, 3, *size) and rgb.min() >= 0 and rgb.max() <= 1
 
 
+
+def test_loss_prior_keeps_its_own_value_after_an_update_where_it_equals_ce_prior() -> None:
+    """During the prior's warm-up every weight is 1, so ``loss_prior`` equals ``ce_prior``; a
+    MetricCollection that groups metrics by equal states after their first update would then
+    update only one of them for the rest of the run (both read ``ce_prior``)."""
+    task = Colorization(image_size=32, prior_warmup_pixels=10**9)  # still warming up: weights all 1
+    trunk = ResNetV2("tiny", width=0.25)
+    task.attach(trunk.out_channels, trunk.out_stride)
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    batch = task.build(images)
+    with torch.no_grad():
+        logits = task(trunk(batch.inputs).features, batch)
+    metrics = task.make_metrics()
+    metrics.update(*task.metric_inputs(logits, batch))
+    first = metrics.compute()
+    assert first["loss_prior"].item() == pytest.approx(first["ce_prior"].item(), rel=1e-6)
+    task.prior_warmup_pixels = 0  # the prior is in use from here on: rebalancing weights ≠ 1
+    task.observe(batch)
+    task.synchronize(lambda counts: counts)
+    inputs = task.metric_inputs(logits, batch)
+    metrics.update(*inputs)
+    fresh = task.make_metrics()
+    fresh.update(*inputs)
+    expected = (first["loss_prior"] + fresh.compute()["loss_prior"]) / 2  # same pixel count per update
+    assert metrics.compute()["loss_prior"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert metrics.compute()["loss_prior"].item() != pytest.approx(metrics.compute()["ce_prior"].item(), rel=1e-3)
+
 def test_decode_rgb_of_the_targets_reproduces_the_photo() -> None:
     image = sample_images("val")["coffee"][:128, :128]
     x = torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float() / 255
