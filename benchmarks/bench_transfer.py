@@ -36,6 +36,7 @@ Run from the repository root (about 13 minutes on 2 idle CPU cores; 45 when they
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import tempfile
@@ -203,6 +204,23 @@ def photo_probe(checkpoint: Path, patches: tuple[torch.Tensor, ...], weight_deca
         return float((linear(val_x).argmax(1) == val_labels).double().mean())
 
 
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (NaN for one value)."""
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else float("nan"))
+
+
+def verdict(values: list[float], baseline: list[float]) -> str:
+    """Whether ``values`` differ from ``baseline`` by more than two standard errors of the difference."""
+    if len(values) < 2:
+        return "n/a (1 seed)"
+    (m, s), (mb, sb) = mean_std(values), mean_std(baseline)
+    se = math.sqrt(s**2 / len(values) + sb**2 / len(baseline))
+    diff = m - mb
+    if se == 0 or abs(diff) <= 2 * se:
+        return f"{diff:+.3f}, within noise"
+    return f"{diff:+.3f}, {'above' if diff > 0 else 'below'} random init"
+
+
 def beyond(values: list[float], other: list[float], at_least: bool = False) -> str:
     """Whether mean(values) exceeds (or, ``at_least``, is not below) mean(other) beyond the
     seeds' spread (two standard errors of the difference)."""
@@ -249,18 +267,8 @@ def plot_curves(curves: dict[str, list[list[tuple[int, float]]]], path: Path) ->
     plt.close(fig)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--pretrain-steps", type=int, default=300)
-    parser.add_argument("--probe-epochs", type=int, default=3)
-    parser.add_argument("--finetune-steps", type=int, default=120)
-    parser.add_argument("--finetune-every", type=int, default=15)
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
-    parser.add_argument("--plot", type=Path, default=DEFAULT_OUTPUT.parent / "img" / "transfer_finetune.png")
-    args = parser.parse_args()
-    warnings.filterwarnings("ignore")
-    torch.set_num_threads(2)
+def measure(args: argparse.Namespace) -> dict:
+    """Pretrain and probe every condition for every seed; the raw figures, JSON-ready."""
     started = time.perf_counter()
     seeds = list(range(args.seeds))
     probes: dict[str, list[float]] = {c: [] for c in CONDITIONS}
@@ -283,20 +291,31 @@ def main() -> None:
                 print(f"seed {seed} {condition:>6}: probe top-1 {top1:.3f}, kNN top-1 {knn:.3f}, photo probe {photos[condition][-1]:.3f}", flush=True)
             for name, condition in (("random init", "random"), ("four-task pretraining", "all")):
                 curves[name].append(finetune_curve(folder / f"{condition}-{seed}.pt", seed, args.finetune_steps, args.finetune_every))
-    plot_curves(curves, args.plot)
-    minutes = (time.perf_counter() - started) / 60
+    settings = quickstart_model()
+    return {
+        "seeds": seeds, "probes": probes, "knns": knns, "photos": photos, "pretrain_seconds": pretrain_seconds,
+        "curves": curves, "minutes": (time.perf_counter() - started) / 60, "command": command_line(),
+        "lr": settings["optimizer"]["init_args"]["lr"], "combine": settings["combine"],
+        "pretrain_steps": args.pretrain_steps, "probe_epochs": args.probe_epochs,
+        "finetune_steps": args.finetune_steps, "finetune_every": args.finetune_every,
+    }
 
+
+def report(results: dict, plot_name: str) -> str:
+    """The Markdown section for ``results`` (:func:`measure`'s dict)."""
+    r = results
+    probes, knns, photos, curves = r["probes"], r["knns"], r["photos"], r["curves"]
     labels = {"random": "random init (no pretraining)", "rp": "relative position", "col": "colorization",
               "ex": "exemplar", "ms": "motion segmentation", "all": "all four tasks"}
     lines = [
         "## Transfer: sample-data pretraining → digits (linear probe, kNN, fine-tuning) and a natural-image probe",
         "",
         f"Machine: {machine()}.  ",
-        f"Command: `{command_line()}` ({minutes:.1f} min in all).  ",
-        f"Trunk ResNet-v2-26 × 0.25, pretrained {args.pretrain_steps} steps per condition on the sample photos and video "
-        f"(configs/quickstart.yaml's tasks, Adam lr {quickstart_model()['optimizer']['init_args']['lr']:g}, combine: {quickstart_model()['combine']}); probe: frozen trunk, BN + linear on pooled block 3, {args.probe_epochs} epochs "
+        f"Command: `{r['command']}` ({r['minutes']:.1f} min in all).  ",
+        f"Trunk ResNet-v2-26 × 0.25, pretrained {r['pretrain_steps']} steps per condition on the sample photos and video "
+        f"(configs/quickstart.yaml's tasks, Adam lr {r['lr']:g}, combine: {r['combine']}); probe: frozen trunk, BN + linear on pooled block 3, {r['probe_epochs']} epochs "
         f"SGD 0.1 on scikit-learn's digits at {IMAGE_SIZE} px (1198 train / 599 val); kNN: cosine, k = 20, exp-weighted. "
-        f"Mean ± std over {len(seeds)} seeds; \"vs random\" = difference of means, called within noise when it is under "
+        f"Mean ± std over {len(r['seeds'])} seeds; \"vs random\" = difference of means, called within noise when it is under "
         "two standard errors of the difference.",
         "",
         "| pretraining | pretrain time / seed | probe top-1 | vs random | kNN top-1 | vs random |",
@@ -308,7 +327,7 @@ def main() -> None:
         vs_p = "—" if c == "random" else verdict(probes[c], probes["random"])
         vs_k = "—" if c == "random" else verdict(knns[c], knns["random"])
         lines.append(
-            f"| {labels[c]} | {statistics.fmean(pretrain_seconds[c]):.0f} s | {pm:.3f} ± {ps:.3f} | {vs_p} | {km:.3f} ± {ks:.3f} | {vs_k} |"
+            f"| {labels[c]} | {statistics.fmean(r['pretrain_seconds'][c]):.0f} s | {pm:.3f} ± {ps:.3f} | {vs_p} | {km:.3f} ± {ks:.3f} | {vs_k} |"
         )
     singles = {c: statistics.fmean(photos[c]) for c in CONDITIONS[1:5]}
     best = max(singles, key=singles.get)
@@ -337,10 +356,10 @@ def main() -> None:
     firsts = {name: [run[0][1] for run in runs] for name, runs in curves.items()}
     lines += [
         "",
-        f"Fine-tuning the whole network ({args.finetune_steps} steps, SGD 0.05, validation every {args.finetune_every} steps), "
+        f"Fine-tuning the whole network ({r['finetune_steps']} steps, SGD 0.05, validation every {r['finetune_every']} steps), "
         "digits validation top-1:",
         "",
-        f"| initialisation | after {args.finetune_every} steps | after {args.finetune_steps} steps |",
+        f"| initialisation | after {r['finetune_every']} steps | after {r['finetune_steps']} steps |",
         "|---|---|---|",
     ]
     for name in curves:
@@ -348,14 +367,39 @@ def main() -> None:
         lines.append(f"| {name} | {m1:.3f} ± {s1:.3f} | {m2:.3f} ± {s2:.3f} |")
     lines += [
         "",
-        f"Early gap (four-task − random after {args.finetune_every} steps): "
+        f"Early gap (four-task − random after {r['finetune_every']} steps): "
         f"{verdict(firsts['four-task pretraining'], firsts['random init'])}; "
         f"final gap: {verdict(finals['four-task pretraining'], finals['random init'])}.",
         "",
-        f"![fine-tuning curves](img/{args.plot.name})",
+        f"![fine-tuning curves](img/{plot_name})",
     ]
-    body = "\n".join(lines)
-    publish(body, "transfer", args.output)
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--pretrain-steps", type=int, default=300)
+    parser.add_argument("--probe-epochs", type=int, default=3)
+    parser.add_argument("--finetune-steps", type=int, default=120)
+    parser.add_argument("--finetune-every", type=int, default=15)
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    parser.add_argument("--plot", type=Path, default=DEFAULT_OUTPUT.parent / "img" / "transfer_finetune.png")
+    parser.add_argument("--results", type=Path, default=None,
+                        help="also write the raw figures (JSON) here, to re-report them later with --report-only")
+    parser.add_argument("--report-only", type=Path, default=None, metavar="RESULTS",
+                        help="do not measure: report (and plot) the raw figures a --results run saved")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(2)
+    if args.report_only is not None:
+        results = json.loads(args.report_only.read_text())
+    else:
+        results = measure(args)
+        if args.results is not None:
+            args.results.write_text(json.dumps(results, indent=1))
+    plot_curves(results["curves"], args.plot)
+    publish(report(results, args.plot.name), "transfer", args.output)
 
 
 if __name__ == "__main__":
