@@ -48,7 +48,10 @@ def bilinear_matrix(size_in: int, size_out: int, device: torch.device | None = N
 
 @functools.lru_cache(maxsize=64)
 def _cached_matrix(size_in: int, size_out: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-    return bilinear_matrix(size_in, size_out, device, dtype)
+    # built outside inference mode even when first asked for there (``trainer.validate`` runs
+    # under it): an inference tensor could not be saved for the backward of a later training step
+    with torch.inference_mode(False):
+        return bilinear_matrix(size_in, size_out, device, dtype)
 
 
 def resize_bilinear(x: Tensor, size: tuple[int, int]) -> Tensor:
