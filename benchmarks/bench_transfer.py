@@ -6,7 +6,7 @@ Protocol (every number from this one run):
 1. **Pretrain** a ResNet-v2-26 at width 0.25 (the quickstart's trunk) on the bundled sample
    photos and video for the same number of steps under each condition: no pretraining
    (random init), each single task (RP, Col, Ex, MS) and all four tasks together (the
-   quickstart's tasks, optimizer and ``combine``, read from ``configs/quickstart.yaml``). "Same budget" = the same number of
+   quickstart's tasks, optimizer, LR schedule (its length fitted to the steps) and ``combine``, read from ``configs/quickstart.yaml``). "Same budget" = the same number of
    steps; the four-task run therefore does ~4× the work of a single task per step.
 2. **Probe** the frozen trunk on scikit-learn's bundled digits (1797 real 8×8 scans of
    handwritten digits, 10 classes, upsampled to 64 px; the fixed stratified 2/3–1/3 split of
@@ -87,6 +87,21 @@ def quiet_trainer(**kwargs) -> pl.Trainer:
     )
 
 
+def quickstart_schedule(steps: int):  # noqa: ANN201 - an LR-scheduler factory or None
+    """The quickstart's LR schedule as a factory (``None`` without one), a ``T_max`` fitted to
+    ``steps`` (the quickstart's is its own run's length)."""
+    import importlib
+
+    spec = quickstart_model().get("lr_scheduler")
+    if not spec:
+        return None
+    module, _, name = spec["class_path"].rpartition(".")
+    cls, kwargs = getattr(importlib.import_module(module), name), dict(spec.get("init_args", {}))
+    if "T_max" in kwargs:
+        kwargs["T_max"] = steps
+    return lambda optimizer: cls(optimizer, **kwargs)
+
+
 def pretrain(condition: str, steps: int, seed: int, folder: Path) -> Path:
     """Pretrain under ``condition`` and export the trunk; returns the export's path."""
     pl.seed_everything(seed, workers=True, verbose=False)
@@ -95,7 +110,10 @@ def pretrain(condition: str, steps: int, seed: int, folder: Path) -> Path:
         names = list(CONDITIONS[1:5]) if condition == "all" else [condition]
         settings = quickstart_model()
         lr = settings["optimizer"]["init_args"]["lr"]
-        model = MultiTaskSSL(make_tasks(names), model_trunk, optimizer=lambda p: torch.optim.Adam(p, lr=lr), combine=settings["combine"])
+        model = MultiTaskSSL(
+            make_tasks(names), model_trunk, optimizer=lambda p: torch.optim.Adam(p, lr=lr), lr_scheduler=quickstart_schedule(steps),
+            combine=settings["combine"],
+        )
         data = MultiTaskDataModule(steps_per_epoch=steps, num_workers=2)
         quiet_trainer(max_steps=steps, limit_val_batches=0).fit(model, data)
         model_trunk = model.trunk
@@ -296,6 +314,7 @@ def measure(args: argparse.Namespace) -> dict:
         "seeds": seeds, "probes": probes, "knns": knns, "photos": photos, "pretrain_seconds": pretrain_seconds,
         "curves": curves, "minutes": (time.perf_counter() - started) / 60, "command": command_line(),
         "lr": settings["optimizer"]["init_args"]["lr"], "combine": settings["combine"],
+        "schedule": (settings.get("lr_scheduler") or {}).get("class_path", "").rpartition(".")[2] or None,
         "pretrain_steps": args.pretrain_steps, "probe_epochs": args.probe_epochs,
         "finetune_steps": args.finetune_steps, "finetune_every": args.finetune_every,
     }
@@ -313,7 +332,7 @@ def report(results: dict, plot_name: str) -> str:
         f"Machine: {machine()}.  ",
         f"Command: `{r['command']}` ({r['minutes']:.1f} min in all).  ",
         f"Trunk ResNet-v2-26 × 0.25, pretrained {r['pretrain_steps']} steps per condition on the sample photos and video "
-        f"(configs/quickstart.yaml's tasks, Adam lr {r['lr']:g}, combine: {r['combine']}); probe: frozen trunk, BN + linear on pooled block 3, {r['probe_epochs']} epochs "
+        f"(configs/quickstart.yaml's tasks, Adam lr {r['lr']:g}, LR schedule {r.get('schedule') or 'none'}, combine: {r['combine']}); probe: frozen trunk, BN + linear on pooled block 3, {r['probe_epochs']} epochs "
         f"SGD 0.1 on scikit-learn's digits at {IMAGE_SIZE} px (1198 train / 599 val); kNN: cosine, k = 20, exp-weighted. "
         f"Mean ± std over {len(r['seeds'])} seeds; \"vs random\" = difference of means, called within noise when it is under "
         "two standard errors of the difference.",
