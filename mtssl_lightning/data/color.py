@@ -9,11 +9,11 @@ autocast state (Lab feeds colorization's targets).
 
 from __future__ import annotations
 
-import functools
-
 import kornia.color
 import torch
 from torch import Tensor
+
+from mtssl_lightning.tensor_cache import tensor_cache
 
 #: sRGB (linear) -> CIE XYZ, D65 white point (Kornia's ``rgb_to_xyz`` matrix)
 RGB_TO_XYZ = ((0.412453, 0.357580, 0.180423), (0.212671, 0.715160, 0.072169), (0.019334, 0.119193, 0.950227))
@@ -21,7 +21,7 @@ RGB_TO_XYZ = ((0.412453, 0.357580, 0.180423), (0.212671, 0.715160, 0.072169), (0
 D65_WHITE = (0.95047, 1.0, 1.08883)
 
 
-@functools.lru_cache(maxsize=16)
+@tensor_cache(maxsize=16)
 def _lab_constants(device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     kernel = torch.tensor(RGB_TO_XYZ, device=device, dtype=dtype)
     white = torch.tensor(D65_WHITE, device=device, dtype=dtype)[:, None, None]

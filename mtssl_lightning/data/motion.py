@@ -33,7 +33,6 @@ at strong edges; the opening and the component filter remove most of it on typic
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import kornia.color
@@ -42,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mtssl_lightning.data.binary_masks import _close, _drop_small_components, _open
+from mtssl_lightning.tensor_cache import tensor_cache
 
 __all__ = ["MotionMaskConfig", "estimate_shift", "motion_masks", "shift_images"]
 
@@ -58,11 +58,10 @@ def _tukey(size: int, device: torch.device, taper: float = 0.25) -> Tensor:
     return torch.where(x < edge, ramp(x), torch.where(x > 1 - edge, ramp(1 - x), torch.ones_like(x)))
 
 
-@functools.lru_cache(maxsize=16)
+@tensor_cache(maxsize=16)
 def _window(h: int, w: int, device: torch.device) -> Tensor:
     """``(h, w)`` separable Tukey window, made once per size and device (not on every call)."""
-    with torch.inference_mode(False), torch.no_grad():  # a normal tensor even if first built in inference mode
-        return torch.outer(_tukey(h, device), _tukey(w, device))
+    return torch.outer(_tukey(h, device), _tukey(w, device))
 
 
 def estimate_shift(reference: Tensor, moving: Tensor) -> Tensor:

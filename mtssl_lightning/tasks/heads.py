@@ -9,10 +9,10 @@ align_corners=False)``), whose backward passes are deterministic.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor, nn
+
+from mtssl_lightning.tensor_cache import tensor_cache
 
 __all__ = ["DenseHead", "GlobalAvgPool", "bilinear_matrix", "resize_bilinear"]
 
@@ -46,12 +46,9 @@ def bilinear_matrix(size_in: int, size_out: int, device: torch.device | None = N
     return weights.to(dtype)
 
 
-@functools.lru_cache(maxsize=64)
+@tensor_cache(maxsize=64)
 def _cached_matrix(size_in: int, size_out: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-    # built outside inference mode even when first asked for there (``trainer.validate`` runs
-    # under it): an inference tensor could not be saved for the backward of a later training step
-    with torch.inference_mode(False):
-        return bilinear_matrix(size_in, size_out, device, dtype)
+    return bilinear_matrix(size_in, size_out, device, dtype)
 
 
 def resize_bilinear(x: Tensor, size: tuple[int, int]) -> Tensor:

@@ -46,7 +46,6 @@ for comparison.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -63,6 +62,7 @@ from mtssl_lightning.tasks import pictures as draw
 from mtssl_lightning.tasks.base import InputMode, Task, TaskSampler
 from mtssl_lightning.tasks.heads import GlobalAvgPool
 from mtssl_lightning.tasks.metrics import HitRate
+from mtssl_lightning.tensor_cache import tensor_cache
 
 PairsMode = Literal["one", "all"]
 ColourMode = Literal["drop", "gray", "lab_gray", "none"]
@@ -307,7 +307,7 @@ def colour_transform(patches: Tensor, mode: ColourMode, generator: torch.Generat
     return out
 
 
-@functools.lru_cache(maxsize=16)
+@tensor_cache(maxsize=16)
 def _drop_fill(device: torch.device, dtype: torch.dtype) -> Tensor:
     """The dropped channels' fill colour ``(1, 3, 1, 1)``, made once per device (not copied from the host every batch)."""
     return torch.tensor(DROP_FILL_RGB, device=device, dtype=dtype)[None, :, None, None]
@@ -331,7 +331,7 @@ def pair_table(grid: int, device: torch.device | str | None = None) -> Tensor:
     return torch.stack([anchor, neighbour, labels], dim=-1).reshape(-1, 3)
 
 
-@functools.lru_cache(maxsize=16)
+@tensor_cache(maxsize=16)
 def _cached_pair_table(grid: int, device: torch.device) -> Tensor:
     """:func:`pair_table` made once per device (a host-to-device copy per batch otherwise)."""
     return pair_table(grid, device)
