@@ -87,19 +87,18 @@ def quiet_trainer(**kwargs) -> pl.Trainer:
     )
 
 
-def quickstart_schedule(steps: int):  # noqa: ANN201 - an LR-scheduler factory or None
-    """The quickstart's LR schedule as a factory (``None`` without one), a ``T_max`` fitted to
-    ``steps`` (the quickstart's is its own run's length)."""
-    import importlib
+def quickstart_schedule(spec: dict | None, steps: int):  # noqa: ANN201 - an LR-scheduler factory or None
+    """The quickstart's ``lr_scheduler`` entry as a factory (``None`` without one), a ``T_max``
+    fitted to ``steps`` (the quickstart's is its own run's length)."""
+    from lightning.pytorch.cli import instantiate_class
 
-    spec = quickstart_model().get("lr_scheduler")
     if not spec:
         return None
-    module, _, name = spec["class_path"].rpartition(".")
-    cls, kwargs = getattr(importlib.import_module(module), name), dict(spec.get("init_args", {}))
-    if "T_max" in kwargs:
-        kwargs["T_max"] = steps
-    return lambda optimizer: cls(optimizer, **kwargs)
+    init_args = dict(spec.get("init_args", {}))
+    if "T_max" in init_args:
+        init_args["T_max"] = steps
+    spec = {**spec, "init_args": init_args}
+    return lambda optimizer: instantiate_class(optimizer, spec)
 
 
 def pretrain(condition: str, steps: int, seed: int, folder: Path) -> Path:
@@ -111,7 +110,7 @@ def pretrain(condition: str, steps: int, seed: int, folder: Path) -> Path:
         settings = quickstart_model()
         lr = settings["optimizer"]["init_args"]["lr"]
         model = MultiTaskSSL(
-            make_tasks(names), model_trunk, optimizer=lambda p: torch.optim.Adam(p, lr=lr), lr_scheduler=quickstart_schedule(steps),
+            make_tasks(names), model_trunk, optimizer=lambda p: torch.optim.Adam(p, lr=lr), lr_scheduler=quickstart_schedule(settings.get("lr_scheduler"), steps),
             combine=settings["combine"],
         )
         data = MultiTaskDataModule(steps_per_epoch=steps, num_workers=2)
@@ -227,13 +226,17 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else float("nan"))
 
 
+def difference(values: list[float], other: list[float]) -> tuple[float, float]:
+    """``mean(values) - mean(other)`` and its standard error (NaN with one value each)."""
+    (m, s), (mo, so) = mean_std(values), mean_std(other)
+    return m - mo, math.sqrt(s**2 / len(values) + so**2 / len(other))
+
+
 def verdict(values: list[float], baseline: list[float]) -> str:
     """Whether ``values`` differ from ``baseline`` by more than two standard errors of the difference."""
     if len(values) < 2:
         return "n/a (1 seed)"
-    (m, s), (mb, sb) = mean_std(values), mean_std(baseline)
-    se = math.sqrt(s**2 / len(values) + sb**2 / len(baseline))
-    diff = m - mb
+    diff, se = difference(values, baseline)
     if se == 0 or abs(diff) <= 2 * se:
         return f"{diff:+.3f}, within noise"
     return f"{diff:+.3f}, {'above' if diff > 0 else 'below'} random init"
@@ -242,9 +245,7 @@ def verdict(values: list[float], baseline: list[float]) -> str:
 def beyond(values: list[float], other: list[float], at_least: bool = False) -> str:
     """Whether mean(values) exceeds (or, ``at_least``, is not below) mean(other) beyond the
     seeds' spread (two standard errors of the difference)."""
-    (m, s), (mo, so) = mean_std(values), mean_std(other)
-    se = math.sqrt(s**2 / len(values) + so**2 / len(other)) if len(values) > 1 else float("nan")
-    diff = m - mo
+    diff, se = difference(values, other)
     if not math.isfinite(se):
         return f"{diff:+.3f} (1 seed: no spread)"
     if diff > 2 * se:
