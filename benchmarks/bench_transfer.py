@@ -49,6 +49,7 @@ import torch
 
 from _report import DEFAULT_OUTPUT, command_line, machine, publish
 from mtssl_lightning import MultiTaskDataModule, MultiTaskSSL
+from mtssl_lightning.data.sample import SAMPLE_NAMES, SAMPLE_VAL_NAMES
 from mtssl_lightning.evaluation import ClassificationDataModule, ImageClassifier
 from mtssl_lightning.evaluation.knn import embed, knn_predict
 from mtssl_lightning.trunks import ResNetV2
@@ -255,12 +256,6 @@ def beyond(values: list[float], other: list[float], at_least: bool = False) -> s
     return f"no ({diff:+.3f} ± {2 * se:.3f})"
 
 
-def sample_names() -> tuple[str, ...]:
-    from mtssl_lightning.data.sample import SAMPLE_NAMES
-
-    return SAMPLE_NAMES
-
-
 def plot_curves(curves: dict[str, list[list[tuple[int, float]]]], path: Path) -> None:
     import matplotlib
 
@@ -354,9 +349,10 @@ def report(results: dict, plot_name: str) -> str:
     lines += [
         "",
         "**Natural images: which photo is a patch from** (the same pretrained trunks): "
-        f"each of the {len(sample_names())} sample photos (24 training photos, 3 held-out photos) is a class; a logistic-regression probe "
+        f"each of the {len(SAMPLE_NAMES)} sample photos (pretraining's {len(SAMPLE_NAMES) - len(SAMPLE_VAL_NAMES)} training and "
+        f"{len(SAMPLE_VAL_NAMES)} validation photos) is a class; a logistic-regression probe "
         f"on the frozen trunk's pooled block-3 features learns from {TRAIN_PATCHES} random {PATCH}² patches of the left "
-        f"{LEFT:.0%} of each photo and is tested on {VAL_PATCHES} patches of the right part (chance {1 / len(sample_names()):.3f}).",
+        f"{LEFT:.0%} of each photo and is tested on {VAL_PATCHES} patches of the right part (chance {1 / len(SAMPLE_NAMES):.3f}).",
         "",
         "| pretraining | photo probe top-1 | vs random |",
         "|---|---|---|",

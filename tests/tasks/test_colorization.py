@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import skimage.color
 import torch
+from photos import learning_photos
 from seeds import learning_seed
 
 from mtssl_lightning.data.color import rgb_to_lab
@@ -474,10 +475,10 @@ def test_colorization_learns_on_held_out_regions() -> None:
     try:
         torch.manual_seed(learning_seed())
         to_float = lambda im: torch.from_numpy(im.copy()).permute(2, 0, 1).float() / 255
-        photos = [to_float(im) for im in sample_images("train").values()]
+        photos = [to_float(im) for im in learning_photos("train")]
         train = [im[:, :, : int(0.7 * im.shape[2])] for im in photos]
         held_out = [im[:, :, int(0.7 * im.shape[2]) :] for im in photos]
-        val = [to_float(im) for im in sample_images("val").values()]
+        val = [to_float(im) for im in learning_photos("val")]
 
         trunk = ResNetV2("tiny", width=0.25)
         task = Colorization(batch_size=16, image_size=64, head_channels=32, prior_warmup_pixels=2000)
