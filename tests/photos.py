@@ -10,7 +10,7 @@ from mtssl_lightning.data.sample import sample_images
 
 #: the held-out photos the learning tests measure on: the sample set's three unrelated validation
 #: photos, on which their seeds' spreads were measured (the DataModule's validation split also
-#: holds four held-out clip frames, see mtssl_lightning.data.sample)
+#: holds three held-out clip frames, see mtssl_lightning.data.sample)
 LEARNING_VAL_PHOTOS = ("coffee", "china", "grace_hopper")
 
 

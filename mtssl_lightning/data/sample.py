@@ -26,10 +26,9 @@ batch shows the same *crop*. Validation crop ``i`` is cut from photo ``i mod n``
 three photos alone a batch of 8 held two or three overlapping crops of each, and the metric mostly
 scored crops of one photo against each other (an untrained trunk scored 0.31–0.43 by seed, and a
 trained one no better). With six, a batch of 6 has one crop per photo and a batch of 8 two pairs
-of the same photo. (The video frames
-among the training photos were added because nine training photos let relative position
-memorise photo content instead of learning cues that transfer: held-out accuracy ~0.18 with
-them, ~0.25 with the frames.)
+of the same photo. (The video frames among the training photos were added because nine training
+photos let relative position memorise photo content instead of learning cues that transfer:
+held-out accuracy ~0.18 with them, ~0.25 with the frames.)
 """
 
 from __future__ import annotations
