@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
-from mtssl_lightning.callbacks import PreemptionCheckpoint, TrainingDashboard
+from mtssl_lightning.callbacks import PreemptionCheckpoint, TrainingDashboard, ValidateBeforeTraining
 from mtssl_lightning.config_bases import PARSER_MODE
 from mtssl_lightning.data.datamodule import MultiTaskDataModule
 from mtssl_lightning.pretrain import MultiTaskSSL
@@ -199,10 +199,11 @@ class MTSSLCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         """The configured Trainer plus, unless the config already has them, the callbacks every
         run gets: :class:`PreemptionCheckpoint` (SIGTERM saves a checkpoint that ``--ckpt_path
-        last`` resumes) and :class:`TrainingDashboard` (learning rates, throughput, data-wait
-        share, task pictures, lasso heatmap)."""
+        last`` resumes), :class:`TrainingDashboard` (learning rates, throughput, data-wait
+        share, task pictures, lasso heatmap) and :class:`ValidateBeforeTraining` (a logged
+        validation at step 0, so every validation curve starts at the untrained model)."""
         trainer = super().instantiate_trainer(**kwargs)
-        for default in (PreemptionCheckpoint, TrainingDashboard):
+        for default in (PreemptionCheckpoint, TrainingDashboard, ValidateBeforeTraining):
             if not any(isinstance(callback, default) for callback in trainer.callbacks):
                 trainer.callbacks.append(default())
         for logger in trainer.loggers:

@@ -2,5 +2,6 @@
 
 from mtssl_lightning.callbacks.dashboard import TrainingDashboard
 from mtssl_lightning.callbacks.preemption import PreemptionCheckpoint
+from mtssl_lightning.callbacks.validate_first import ValidateBeforeTraining
 
-__all__ = ["PreemptionCheckpoint", "TrainingDashboard"]
+__all__ = ["PreemptionCheckpoint", "TrainingDashboard", "ValidateBeforeTraining"]
