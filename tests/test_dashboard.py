@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import wandb
+from run_configs import config_under
 
 from mtssl_lightning.callbacks.dashboard import alpha_heatmap
 from mtssl_lightning.cli import git_revision, run
@@ -22,10 +22,8 @@ PICTURES = {"rp": "pairs", "col": "colorization", "ex": "views", "ms": "masks"}
 
 def _fit(tmp_path: Path, *extra: str):
     # the experiment config stays in place: its `_base_` files are found relative to it
-    tiny = re.sub(r"runs/tiny", str(tmp_path), (ROOT / "configs/tiny.yaml").read_text())
-    (tmp_path / "tiny.yaml").write_text(tiny)
     return run([
-        "fit", "--config", str(ROOT / "configs/pretrain/all_lasso.yaml"), "--config", str(tmp_path / "tiny.yaml"),
+        "fit", "--config", str(ROOT / "configs/pretrain/all_lasso.yaml"), "--config", str(config_under(tmp_path, "tiny.yaml")),
         "--trainer.log_every_n_steps=1", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
         "--data.steps_per_epoch=2", "--data.val_samples=8", "--data.num_workers=0",
         "--model.init_args.grad_norm_every_n_steps=2",

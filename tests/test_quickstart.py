@@ -12,27 +12,19 @@ relies on after the run: W&B offline without any W&B set-up, and a checkpoint th
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from run_configs import config_under
 from seeds import learning_seed
 
 from mtssl_lightning import load_trunk
 from mtssl_lightning.cli import run
 from mtssl_lightning.wandb_offline import read_history
 
-ROOT = Path(__file__).resolve().parents[1]
 CHANCE_RP = 1 / 8  # eight relative positions
-
-
-def quickstart_config(tmp_path: Path) -> Path:
-    """``configs/quickstart.yaml`` with every output (checkpoints, W&B run) under ``tmp_path``."""
-    path = tmp_path / "quickstart.yaml"
-    path.write_text(re.sub(r"runs/quickstart", str(tmp_path), (ROOT / "configs" / "quickstart.yaml").read_text()))
-    return path
 
 
 def validation_rows(run_dir: Path) -> list[dict[str, Any]]:
@@ -67,7 +59,7 @@ def test_quickstart_dashboard_shows_every_task_learning(tmp_path: Path, monkeypa
     monkeypatch.delenv("WANDB_MODE", raising=False)  # no W&B set-up at all: the run must go offline by itself
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
-    run(["fit", "--config", str(quickstart_config(tmp_path)), "--trainer.enable_progress_bar=false", f"--seed_everything={learning_seed()}"])
+    run(["fit", "--config", str(config_under(tmp_path, "quickstart.yaml")), "--trainer.enable_progress_bar=false", f"--seed_everything={learning_seed()}"])
     assert os.environ["WANDB_MODE"] == "offline"
     wandb.finish()  # flush the run file
     [run_dir] = sorted((tmp_path / "wandb").glob("offline-run-*"))

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
 import torch
 import wandb
+from run_configs import config_under
 
 from mtssl_lightning.callbacks import ValidateBeforeTraining
 from mtssl_lightning.cli import run
@@ -17,11 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _args(tmp_path: Path, *extra: str) -> list[str]:
-    tmp_path.mkdir(exist_ok=True)
-    tiny = re.sub(r"runs/tiny", str(tmp_path), (ROOT / "configs/tiny.yaml").read_text())
-    (tmp_path / "tiny.yaml").write_text(tiny)
     return [
-        "--config", str(ROOT / "configs/pretrain/rp_col.yaml"), "--config", str(tmp_path / "tiny.yaml"),
+        "--config", str(ROOT / "configs/pretrain/rp_col.yaml"), "--config", str(config_under(tmp_path, "tiny.yaml")),
         "--trainer.enable_progress_bar=false", "--data.steps_per_epoch=3", "--data.val_samples=16",
         "--data.num_workers=0", "--trainer.max_epochs=1", "--seed_everything=3", *extra,
     ]

@@ -35,7 +35,7 @@ class ValidateBeforeTraining(Callback):
         self.enabled = enabled
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.enabled or trainer.global_step > 0 or trainer.sanity_checking or not trainer.enable_validation:
+        if not self.enabled or trainer.global_step > 0 or not trainer.enable_validation:
             return
         # what Lightning's training epoch loop does around a mid-training validation
         # (loops/training_epoch_loop.py, on_advance_end): mark the stage, keep the logger's
