@@ -27,7 +27,7 @@ def dashboard(tmp: Path) -> None:
     import wandb
 
     from mtssl_lightning.cli import run
-    from mtssl_lightning.wandb_offline import render_dashboard
+    from mtssl_lightning.wandb_offline import render_dashboard, wait_until_finished
 
     tiny = re.sub(r"runs/tiny", str(tmp), (ROOT / "configs/tiny.yaml").read_text())
     (tmp / "tiny.yaml").write_text(tiny)
@@ -39,7 +39,7 @@ def dashboard(tmp: Path) -> None:
     ])
     wandb.finish()
     [run_dir] = sorted((tmp / "wandb").glob("offline-run-*"))
-    render_dashboard(run_dir, IMG / "dashboard.png")
+    render_dashboard(wait_until_finished(run_dir), IMG / "dashboard.png")
 
 
 def task_tour(tmp: Path) -> None:

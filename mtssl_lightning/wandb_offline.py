@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,8 @@ def _records(path: Path) -> list[bytes]:
             offset += room
             continue
         length, kind = struct.unpack_from("<HB", data, offset + 4)
+        if offset + _CHUNK_HEADER + length > len(data):  # a chunk still being written: not a record yet
+            break
         body = data[offset + _CHUNK_HEADER : offset + _CHUNK_HEADER + length]
         offset += _CHUNK_HEADER + length
         if kind == _FULL:
@@ -65,6 +68,33 @@ def _parsed_records(run_dir: str | os.PathLike) -> Iterator[Any]:
         record = pb.Record()
         record.ParseFromString(raw)
         yield record
+
+
+def wait_until_finished(run_dir: str | os.PathLike, timeout_s: float = 120.0) -> Path:
+    """Wait until the run file in ``run_dir`` holds the run's ``exit`` record (its last), then return ``run_dir``.
+
+    ``wandb-core`` writes the run file through a buffer that it flushes when it closes the file,
+    which can be after ``wandb.finish()`` has returned (W&B 0.31, offline; seen in CI as a run file
+    without any of the rows the run had logged 10 s before) and after a spawned process that
+    logged has exited. Read a run that has just ended as ``read_history(wait_until_finished(run_dir))``.
+
+    Raises:
+        TimeoutError: no exit record after ``timeout_s`` seconds (the run is still going, or its
+            process was killed before W&B could finish it).
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if any(record.WhichOneof("record_type") == "exit" for record in _parsed_records(run_dir)):
+                return Path(run_dir)
+        except (FileNotFoundError, ValueError):  # no run file, or no header yet
+            pass
+        if time.monotonic() >= deadline:
+            raise TimeoutError(
+                f"the W&B run in {str(run_dir)!r} has no exit record after {timeout_s:g} s: it is still "
+                "running, or its process ended without `wandb.finish()` (killed, or `os._exit`)"
+            )
+        time.sleep(0.1)
 
 
 def _put_items(target: dict[str, Any], items: Iterable[Any]) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from run_configs import config_under
 
 from mtssl_lightning.callbacks.dashboard import alpha_heatmap
 from mtssl_lightning.cli import git_revision, run
-from mtssl_lightning.wandb_offline import image_path, read_config, read_history, render_dashboard
+from mtssl_lightning.wandb_offline import image_path, read_config, read_history, render_dashboard, wait_until_finished
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("rp", "col", "ex", "ms")
@@ -40,9 +40,9 @@ def _run_dirs(tmp_path: Path) -> list[Path]:
 def test_an_offline_run_holds_every_dashboard_metric_and_picture_and_a_resume_continues_it(tmp_path):
     cli = _fit(tmp_path, "--trainer.max_epochs=2")
     assert cli.trainer.global_step == 4
-    wandb.finish()  # flushes the run file; closed as when the resumed run is a new process
+    wandb.finish()  # closed as when the resumed run is a new process
     [run_dir] = _run_dirs(tmp_path)
-    rows = read_history(run_dir)
+    rows = read_history(wait_until_finished(run_dir))
     keys = set().union(*rows)
     expected = {"perf/samples_per_s", "perf/data_wait_share", "lasso/alpha_heatmap", "train/skipped_files"}
     for task in TASKS:
@@ -81,7 +81,7 @@ def test_an_offline_run_holds_every_dashboard_metric_and_picture_and_a_resume_co
     wandb.finish()
     first, second = _run_dirs(tmp_path)
     assert first.name.rsplit("-", 1)[1] == second.name.rsplit("-", 1)[1] == resumed.trainer.logger.version
-    steps = [row["trainer/global_step"] for row in read_history(second) if "trainer/global_step" in row]
+    steps = [row["trainer/global_step"] for row in read_history(wait_until_finished(second)) if "trainer/global_step" in row]
     assert min(steps) >= 4
 
 
@@ -110,7 +110,7 @@ def test_a_task_parallel_run_shows_every_task_on_the_dashboard(tmp_path):
     )
     wandb.finish()
     [run_dir] = _run_dirs(tmp_path)
-    rows = read_history(run_dir)
+    rows = read_history(wait_until_finished(run_dir))  # rank 0's run, closed when its process exited
     keys = set().union(*rows)
     expected = set()
     for task in TASKS:

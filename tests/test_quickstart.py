@@ -22,14 +22,14 @@ from seeds import learning_seed
 
 from mtssl_lightning import load_trunk
 from mtssl_lightning.cli import run
-from mtssl_lightning.wandb_offline import read_history
+from mtssl_lightning.wandb_offline import read_history, wait_until_finished
 
 CHANCE_RP = 1 / 8  # eight relative positions
 
 
 def validation_rows(run_dir: Path) -> list[dict[str, Any]]:
     """The run's validation rows (``val/...`` keys), in step order: step 0 (untrained), then one per epoch."""
-    return sorted((row for row in read_history(run_dir) if "val/rp/accuracy" in row), key=lambda row: row["trainer/global_step"])
+    return sorted((row for row in read_history(wait_until_finished(run_dir)) if "val/rp/accuracy" in row), key=lambda row: row["trainer/global_step"])
 
 
 @pytest.mark.slow
@@ -61,7 +61,7 @@ def test_quickstart_dashboard_shows_every_task_learning(tmp_path: Path, monkeypa
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     run(["fit", "--config", str(config_under(tmp_path, "quickstart.yaml")), "--trainer.enable_progress_bar=false", f"--seed_everything={learning_seed()}"])
     assert os.environ["WANDB_MODE"] == "offline"
-    wandb.finish()  # flush the run file
+    wandb.finish()
     [run_dir] = sorted((tmp_path / "wandb").glob("offline-run-*"))
     rows = validation_rows(run_dir)
     assert len(rows) == 6 and rows[0]["trainer/global_step"] == 0, [row["trainer/global_step"] for row in rows]

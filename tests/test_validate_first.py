@@ -11,7 +11,7 @@ from run_configs import config_under
 
 from mtssl_lightning.callbacks import ValidateBeforeTraining
 from mtssl_lightning.cli import run
-from mtssl_lightning.wandb_offline import read_history
+from mtssl_lightning.wandb_offline import read_history, wait_until_finished
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,9 +29,9 @@ def test_a_fit_logs_the_untrained_validation_at_step_0_and_trains_the_same_batch
     # the reference: `mtssl validate` on the same config and seed (same initial weights, same validation inputs)
     untrained = run(["validate", *_args(tmp_path, "--trainer.logger=false")]).trainer.callback_metrics
     fit = run(["fit", *_args(tmp_path)])
-    wandb.finish()  # flush the offline run file
+    wandb.finish()
     [run_dir] = sorted((tmp_path / "wandb").glob("offline-run-*"))
-    rows = [row for row in read_history(run_dir) if "val/rp/loss" in row]
+    rows = [row for row in read_history(wait_until_finished(run_dir)) if "val/rp/loss" in row]
     steps = [row["trainer/global_step"] for row in rows]
     assert len(steps) == 2 and steps[0] == 0 < steps[1], steps  # before training, after the epoch
     for key in ("val/rp/loss", "val/rp/accuracy", "val/col/ce", "val/col/loss"):
