@@ -21,6 +21,7 @@ import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 
 from mtssl_lightning.callbacks import PreemptionCheckpoint, TrainingDashboard, ValidateBeforeTraining
 from mtssl_lightning.config_bases import PARSER_MODE
@@ -145,6 +146,23 @@ def quiet_unset_wandb_anonymous(logger: WandbLogger) -> None:
         del logger._wandb_init["anonymous"]
 
 
+def keep_spawned_files_in_the_run_folder(logger: WandbLogger, trainer: pl.Trainer) -> None:
+    """Make the processes a spawn launcher starts write their W&B files (logged pictures) into
+    ``logger``'s run folder, by setting ``WANDB_DIR`` to its ``save_dir`` for them to inherit.
+
+    Lightning's spawn launchers pickle the logger, and each process attaches to the run that the
+    main process created (``wandb._attach``). W&B 0.31 rebuilds the attached run's settings from
+    the attaching process's defaults, so its root folder is that process's ``WANDB_DIR`` or
+    working directory, not ``save_dir``: a spawned rank's pictures landed in
+    ``./wandb/offline-run-…/files`` while the run file and its history were in
+    ``<save_dir>/wandb/offline-run-…``, and ``wandb sync`` of the run folder lost them.
+    Runs not launched by spawning are left alone (their processes create or own the run).
+    """
+    save_dir = logger._wandb_init.get("dir")
+    if save_dir and isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher):
+        os.environ["WANDB_DIR"] = str(Path(save_dir).resolve())
+
+
 class RunRecord(SaveConfigCallback):
     """Saves the resolved config (``config.yaml`` in the log folder, as LightningCLI does) and
     ties the run to W&B: the config and the git revision go into the W&B run's config, the
@@ -209,6 +227,7 @@ class MTSSLCLI(LightningCLI):
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 quiet_unset_wandb_anonymous(logger)
+                keep_spawned_files_in_the_run_folder(logger, trainer)
         return trainer
 
     def after_fit(self) -> None:
