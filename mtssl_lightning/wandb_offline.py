@@ -75,25 +75,30 @@ def wait_until_finished(run_dir: str | os.PathLike, timeout_s: float = 120.0) ->
 
     ``wandb-core`` writes the run file through a buffer that it flushes when it closes the file,
     which can be after ``wandb.finish()`` has returned (W&B 0.31, offline; seen in CI as a run file
-    without any of the rows the run had logged 10 s before) and after a spawned process that
-    logged has exited. Read a run that has just ended as ``read_history(wait_until_finished(run_dir))``.
+    without any of the rows the run had logged 10 s before). Read a run that has just ended as
+    ``read_history(wait_until_finished(run_dir))`` (or ``read_config``, ``render_dashboard``).
 
     Raises:
         TimeoutError: no exit record after ``timeout_s`` seconds (the run is still going, or its
             process was killed before W&B could finish it).
     """
-    deadline = time.monotonic() + timeout_s
+    if not Path(run_dir).is_dir():
+        raise FileNotFoundError(f"{str(run_dir)!r} is not a folder; pass a W&B run folder (wandb/offline-run-…)")
+    deadline, size, last_error = time.monotonic() + timeout_s, -1, None
     while True:
         try:
-            if any(record.WhichOneof("record_type") == "exit" for record in _parsed_records(run_dir)):
-                return Path(run_dir)
-        except (FileNotFoundError, ValueError):  # no run file, or no header yet
-            pass
+            path = run_file(run_dir)
+            if path.stat().st_size != size:  # parse again only when the file has grown
+                size = path.stat().st_size
+                if any(record.WhichOneof("record_type") == "exit" for record in _parsed_records(run_dir)):
+                    return Path(run_dir)
+        except (FileNotFoundError, ValueError) as error:  # no run file yet, or not even its header
+            last_error, size = error, -1
         if time.monotonic() >= deadline:
             raise TimeoutError(
                 f"the W&B run in {str(run_dir)!r} has no exit record after {timeout_s:g} s: it is still "
                 "running, or its process ended without `wandb.finish()` (killed, or `os._exit`)"
-            )
+            ) from last_error
         time.sleep(0.1)
 
 

@@ -10,7 +10,12 @@ import pytest
 
 from mtssl_lightning.wandb_offline import read_config, read_history, run_file, wait_until_finished
 
-LOGGED = [{"loss": 1.5, "val/acc": 0.25}, {"loss": 0.5, "trainer/global_step": 3}, {"loss": 0.25, "note": "text"}]
+BLOCK = 32768  # the run file's block size: a record longer than what is left of a block is split across blocks
+LOGGED = [
+    {"loss": 1.5, "val/acc": 0.25},
+    {"loss": 0.5, "trainer/global_step": 3, "note": "x" * 50_000},  # spans two blocks (FIRST, MIDDLE/LAST chunks)
+    {"loss": 0.25, "note": "text"},
+]
 
 
 def _offline_run(tmp_path: Path) -> tuple[Path, list[dict[str, Any]]]:
@@ -27,6 +32,7 @@ def _offline_run(tmp_path: Path) -> tuple[Path, list[dict[str, Any]]]:
 
 def test_the_rows_and_config_read_back_are_what_wandb_was_given(tmp_path):
     run_dir, rows = _offline_run(tmp_path)
+    assert run_file(run_dir).stat().st_size > 2 * BLOCK  # the long row crossed block ends
     assert [{key: row[key] for key in logged} for row, logged in zip(rows, LOGGED)] == LOGGED
     assert [row["_step"] for row in rows] == [0, 1, 2] and len(rows) == len(LOGGED)
     config = read_config(run_dir)
@@ -41,16 +47,24 @@ def test_a_run_file_cut_anywhere_reads_as_its_complete_rows_and_is_waited_for(tm
     cut_dir = tmp_path / "being-written"
     cut_dir.mkdir()
     cut_file = cut_dir / run_file(run_dir).name
+    near_block_ends = {end + d for end in range(BLOCK, len(data), BLOCK) for d in range(-8, 9)}
     seen = set()
-    for cut in range(7, len(data), 13):  # 7: the header alone
+    for cut in sorted(set(range(7, len(data), 53)) | near_block_ends):  # 7: the header alone
         cut_file.write_bytes(data[:cut])
         prefix = read_history(cut_dir)
         assert prefix == rows[: len(prefix)], cut
         seen.add(len(prefix))
     assert seen == set(range(len(rows) + 1))  # every prefix, from none to all, was met
 
-    cut_file.write_bytes(data[: len(data) - 20])  # everything but the exit record's end
+    cut_file.write_bytes(data[:-1])  # all but the last byte of the exit record, the file's last
+    assert read_history(cut_dir) == rows
     with pytest.raises(TimeoutError, match="no exit record"):
         wait_until_finished(cut_dir, timeout_s=0.3)
-    threading.Timer(0.5, cut_file.write_bytes, args=(data,)).start()
-    assert read_history(wait_until_finished(cut_dir, timeout_s=30)) == rows
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        wait_until_finished(tmp_path / "no-such-run")
+    writer = threading.Timer(0.5, cut_file.write_bytes, args=(data,))
+    writer.start()
+    try:
+        assert read_history(wait_until_finished(cut_dir, timeout_s=30)) == rows
+    finally:
+        writer.join()
