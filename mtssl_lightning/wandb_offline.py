@@ -87,9 +87,9 @@ def wait_until_finished(run_dir: str | os.PathLike, timeout_s: float = 120.0) ->
     deadline, size, last_error = time.monotonic() + timeout_s, -1, None
     while True:
         try:
-            path = run_file(run_dir)
-            if path.stat().st_size != size:  # parse again only when the file has grown
-                size = path.stat().st_size
+            grown = run_file(run_dir).stat().st_size
+            if grown != size:  # parse again only when the file has grown
+                size = grown
                 if any(record.WhichOneof("record_type") == "exit" for record in _parsed_records(run_dir)):
                     return Path(run_dir)
         except (FileNotFoundError, ValueError) as error:  # no run file yet, or not even its header
