@@ -18,6 +18,14 @@ LOGGED = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Offline through the environment, not only ``wandb.init(mode=…)``: W&B reads the environment
+    once per process, when it is first set up, and a later test's ``WANDB_MODE=offline`` would not
+    reach an online-set-up process (seen: the next `mtssl fit` asked for an API key)."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+
+
 def _offline_run(tmp_path: Path) -> tuple[Path, list[dict[str, Any]]]:
     """A real offline W&B run that logged ``LOGGED``, and what ``read_history`` makes of it."""
     import wandb
