@@ -7,12 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import wandb
-from run_configs import config_under
+from run_configs import config_under, ended_runs
 
 from mtssl_lightning.callbacks.dashboard import alpha_heatmap
 from mtssl_lightning.cli import git_revision, run
-from mtssl_lightning.wandb_offline import image_path, read_config, read_history, render_dashboard, wait_until_finished
+from mtssl_lightning.wandb_offline import image_path, read_config, read_history, render_dashboard
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("rp", "col", "ex", "ms")
@@ -38,17 +37,12 @@ def _fit(tmp_path: Path, *extra: str):
     ])
 
 
-def _run_dirs(tmp_path: Path) -> list[Path]:
-    return sorted((tmp_path / "wandb").glob("offline-run-*"))
-
-
 @pytest.mark.slow
 def test_an_offline_run_holds_every_dashboard_metric_and_picture_and_a_resume_continues_it(tmp_path):
     cli = _fit(tmp_path, "--trainer.max_epochs=2")
     assert cli.trainer.global_step == 4
-    wandb.finish()  # closed as when the resumed run is a new process
-    [run_dir] = _run_dirs(tmp_path)
-    rows = read_history(wait_until_finished(run_dir))
+    [run_dir] = ended_runs(tmp_path)  # finished, as when the resumed run is a new process
+    rows = read_history(run_dir)
     keys = set().union(*rows)
     expected = {"perf/samples_per_s", "perf/data_wait_share", "lasso/alpha_heatmap", "train/skipped_files"}
     for task in TASKS:
@@ -84,10 +78,9 @@ def test_an_offline_run_holds_every_dashboard_metric_and_picture_and_a_resume_co
     # resuming continues the same W&B run (same id), from the step it stopped at
     resumed = _fit(tmp_path, "--trainer.max_epochs=3", "--ckpt_path=last")
     assert resumed.trainer.global_step == 6
-    wandb.finish()
-    first, second = _run_dirs(tmp_path)
+    first, second = ended_runs(tmp_path)
     assert first.name.rsplit("-", 1)[1] == second.name.rsplit("-", 1)[1] == resumed.trainer.logger.version
-    steps = [row["trainer/global_step"] for row in read_history(wait_until_finished(second)) if "trainer/global_step" in row]
+    steps = [row["trainer/global_step"] for row in read_history(second) if "trainer/global_step" in row]
     assert min(steps) >= 4
 
 
@@ -114,10 +107,9 @@ def test_a_task_parallel_run_shows_every_task_on_the_dashboard(tmp_path):
         "--model.init_args.combine=concurrent", "--model.init_args.grad_norm_every_n_steps=1",
         "--trainer.callbacks.media_every_n_steps=1",
     )
-    wandb.finish()
-    [run_dir] = _run_dirs(tmp_path)
     # the main process made the run (Lightning pickles the logger; each spawned rank attaches to it)
-    rows = read_history(wait_until_finished(run_dir))
+    [run_dir] = ended_runs(tmp_path)
+    rows = read_history(run_dir)
     keys = set().union(*rows)
     expected = set()
     for task in TASKS:

@@ -17,19 +17,19 @@ from typing import Any
 
 import pytest
 import torch
-from run_configs import config_under
+from run_configs import config_under, ended_runs
 from seeds import learning_seed
 
 from mtssl_lightning import load_trunk
 from mtssl_lightning.cli import run
-from mtssl_lightning.wandb_offline import read_history, wait_until_finished
+from mtssl_lightning.wandb_offline import read_history
 
 CHANCE_RP = 1 / 8  # eight relative positions
 
 
 def validation_rows(run_dir: Path) -> list[dict[str, Any]]:
     """The run's validation rows (``val/...`` keys), in step order: step 0 (untrained), then one per epoch."""
-    return sorted((row for row in read_history(wait_until_finished(run_dir)) if "val/rp/accuracy" in row), key=lambda row: row["trainer/global_step"])
+    return sorted((row for row in read_history(run_dir) if "val/rp/accuracy" in row), key=lambda row: row["trainer/global_step"])
 
 
 @pytest.mark.slow
@@ -54,15 +54,12 @@ def test_quickstart_dashboard_shows_every_task_learning(tmp_path: Path, monkeypa
     test also checks what a new user relies on afterwards: W&B offline without any W&B set-up, and
     a last checkpoint that loads as a trunk.
     """
-    import wandb
-
     monkeypatch.delenv("WANDB_MODE", raising=False)  # no W&B set-up at all: the run must go offline by itself
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     run(["fit", "--config", str(config_under(tmp_path, "quickstart.yaml")), "--trainer.enable_progress_bar=false", f"--seed_everything={learning_seed()}"])
     assert os.environ["WANDB_MODE"] == "offline"
-    wandb.finish()
-    [run_dir] = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    [run_dir] = ended_runs(tmp_path)
     rows = validation_rows(run_dir)
     assert len(rows) == 6 and rows[0]["trainer/global_step"] == 0, [row["trainer/global_step"] for row in rows]
     untrained, epoch1, last = rows[0], rows[1], rows[-1]

@@ -6,12 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import wandb
-from run_configs import config_under
+from run_configs import config_under, ended_runs
 
 from mtssl_lightning.callbacks import ValidateBeforeTraining
 from mtssl_lightning.cli import run
-from mtssl_lightning.wandb_offline import read_history, wait_until_finished
+from mtssl_lightning.wandb_offline import read_history
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,9 +28,8 @@ def test_a_fit_logs_the_untrained_validation_at_step_0_and_trains_the_same_batch
     # the reference: `mtssl validate` on the same config and seed (same initial weights, same validation inputs)
     untrained = run(["validate", *_args(tmp_path, "--trainer.logger=false")]).trainer.callback_metrics
     fit = run(["fit", *_args(tmp_path)])
-    wandb.finish()
-    [run_dir] = sorted((tmp_path / "wandb").glob("offline-run-*"))
-    rows = [row for row in read_history(wait_until_finished(run_dir)) if "val/rp/loss" in row]
+    [run_dir] = ended_runs(tmp_path)
+    rows = [row for row in read_history(run_dir) if "val/rp/loss" in row]
     steps = [row["trainer/global_step"] for row in rows]
     assert len(steps) == 2 and steps[0] == 0 < steps[1], steps  # before training, after the epoch
     for key in ("val/rp/loss", "val/rp/accuracy", "val/col/ce", "val/col/loss"):

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from run_configs import ended_runs
 
 from mtssl_lightning.wandb_offline import read_config, read_history, run_file, wait_until_finished
 
@@ -33,9 +34,8 @@ def _offline_run(tmp_path: Path) -> tuple[Path, list[dict[str, Any]]]:
     run = wandb.init(mode="offline", dir=tmp_path, project="mtssl-test", config={"depth": "tiny", "width": 0.25})
     for row in LOGGED:
         run.log(row)
-    run.finish()
-    [run_dir] = sorted((tmp_path / "wandb").glob("offline-run-*"))
-    return run_dir, read_history(wait_until_finished(run_dir))
+    [run_dir] = ended_runs(tmp_path)
+    return run_dir, read_history(run_dir)
 
 
 def test_the_rows_and_config_read_back_are_what_wandb_was_given(tmp_path):
