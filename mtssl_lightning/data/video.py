@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mtssl_lightning.data.frame_cache import FrameCache
 from mtssl_lightning.data.sample import SAMPLE_VIDEOS, prepared_sample_videos
 from mtssl_lightning.data.screening import Screening, listed, screen_folder
 from mtssl_lightning.data.sources import screen
@@ -193,6 +194,14 @@ class VideoFolder(VideoSource):
         self.names, self._listing = listed(self.root, names, extensions, "video")
         self._info: dict[int, StreamInfo] = {}
         self._stream: dict[int, tuple[int, int | None, float | None, int]] = {}  # probed, before the window
+        self.frame_cache: FrameCache | None = None
+
+    def cache_frames(self, max_bytes: int) -> None:
+        """Keep up to ``max_bytes`` of decoded frames in each process that reads clips (each DataLoader
+        worker its own, :class:`~mtssl_lightning.data.frame_cache.FrameCache`): a clip whose frames were all
+        decoded before is served from memory, bit for bit the same. Worth it when the videos are few
+        (the sample clips, a small set); ``0`` turns it off."""
+        self.frame_cache = FrameCache(max_bytes) if max_bytes > 0 else None
 
     def path(self, i: int) -> Path:
         """Path of video ``i``."""
@@ -243,7 +252,8 @@ class VideoFolder(VideoSource):
         """Frames ``start, start + stride, …`` (``length`` of them, counted in the window) of video ``i``.
 
         Seeks to the keyframe before ``start`` and decodes forward; decodes from the beginning
-        when the file cannot seek, has no timestamps, or the seek lands after ``start``.
+        when the file cannot seek, has no timestamps, or the seek lands after ``start``. With
+        :meth:`cache_frames`, a clip whose frames are all in the cache is not decoded again.
 
         Returns:
             ``np.ndarray`` ``(length, H, W, 3)`` uint8 RGB.
@@ -255,6 +265,19 @@ class VideoFolder(VideoSource):
         self._check_clip(i, start, length, stride)
         info = self._info[i]
         wanted = [info.window[0] + start + k * stride for k in range(length)]
+        if self.frame_cache is not None:
+            cached = self.frame_cache.get_all([(i, n) for n in wanted])
+            if cached is not None:
+                return np.stack(cached)
+        frames = self._seek_and_decode(i, info, wanted)
+        if self.frame_cache is not None:
+            for n, frame in zip(wanted, frames):
+                self.frame_cache.put((i, n), frame)
+        return np.stack(frames)
+
+    def _seek_and_decode(self, i: int, info: StreamInfo, wanted: list[int]) -> list[np.ndarray]:
+        """The ``wanted`` frames (ascending numbers in the file): decoded from the keyframe before the
+        first one, or from the start of the file when seeking cannot be trusted."""
         tpf, first_pts = info.ticks_per_frame, info.first_pts
         if tpf is not None and first_pts is not None:
             # seek indexes are often in decode order (dts), which runs ahead of display order by
@@ -265,12 +288,12 @@ class VideoFolder(VideoSource):
                 if target <= first_pts:
                     break
                 try:
-                    return np.stack(self._decode(i, info, wanted, target))
+                    return self._decode(i, info, wanted, target)
                 except _SeekMissed as miss:
                     if miss.frame < 0:
                         break
                     margin += 2 * (miss.frame - wanted[0] + 1) * tpf
-        return np.stack(self._decode(i, info, wanted, None))
+        return self._decode(i, info, wanted, None)
 
     def _decode(self, i: int, info: StreamInfo, wanted: list[int], seek_pts: int | None) -> list[np.ndarray]:
         """Decode the ``wanted`` frame numbers of the file (ascending), after seeking to ``seek_pts``

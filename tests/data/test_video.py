@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 import mtssl_lightning.data.clips as clips_module
 from mtssl_lightning.data.batch import ClipBatch
 from mtssl_lightning.data.clips import ClipDataset
+from mtssl_lightning.data.frame_cache import FrameCache
 from mtssl_lightning.data.frames import FrameFolder
 from mtssl_lightning.data.sample import SAMPLE_VIDEOS, sample_cache_dir, sample_video_path
 from mtssl_lightning.data.video import SampleVideos, VideoFolder
@@ -160,6 +161,50 @@ def test_clips_past_a_keyframe_are_read_by_seeking(video_dir, monkeypatch):
             calls.clear()
             source.read_clip(i, start, 2, 1)
             assert len(calls) == 1 and calls[0][2] is not None, calls
+
+
+def test_cached_frames_are_the_decoded_frames_and_are_decoded_once(video_dir, monkeypatch):
+    """With a frame cache, every clip equals sequential decoding, and a clip whose frames were all read
+    before is served without decoding (the cache only saves work); a small budget keeps it in bounds."""
+    decodes = []
+    decode = VideoFolder._decode
+    monkeypatch.setattr(VideoFolder, "_decode", lambda self, *a: decodes.append(a[1]) or decode(self, *a))
+    frame_bytes = H * W * 3
+    for budget_frames in (10_000, 7):  # everything fits; only 7 frames fit (each clip still decoded right)
+        source = VideoFolder(video_dir)
+        source.cache_frames(budget_frames * frame_bytes)
+        for i, name in enumerate(source.names):
+            reference = _sequential(video_dir / name)
+            for repeat in range(2):
+                decodes.clear()
+                for start, length, stride in CLIPS:
+                    clip = source.read_clip(i, start, length, stride)
+                    wanted = [start + k * stride for k in range(length)]
+                    assert np.array_equal(clip, np.stack([reference[n] for n in wanted])), (name, start, repeat)
+                    clip[:] = 0  # the caller owns what it got: the cache keeps its own frames
+                    assert source.frame_cache.bytes <= budget_frames * frame_bytes
+                if budget_frames == 10_000:
+                    assert (len(decodes) > 0) if repeat == 0 else (len(decodes) == 0), (name, repeat)
+                else:
+                    assert len(decodes) >= len(CLIPS) - 2, (name, repeat)  # 7 frames hold at most the last clip or two
+    source.cache_frames(0)
+    assert source.frame_cache is None
+
+
+def test_frame_cache_drops_the_least_recently_used_frames():
+    cache = FrameCache(max_bytes=300)
+    frames = {k: np.full((10, 10), k, np.uint8) for k in range(5)}  # 100 bytes each
+    for k in range(3):
+        cache.put(k, frames[k])
+    assert cache.get_all([0]) is not None  # 0 is now the most recent: 1 goes first
+    cache.put(3, frames[3])
+    assert len(cache) == 3 and cache.bytes == 300
+    assert cache.get_all([1]) is None and cache.get_all([0, 2, 3]) is not None
+    cache.put(4, np.zeros((20, 20), np.uint8))  # larger than the whole budget: not kept, nothing dropped
+    assert cache.get_all([4]) is None and len(cache) == 3
+    assert not frames[0].flags.writeable  # kept frames are frozen, so no caller can change them
+    with pytest.raises(ValueError, match="positive budget"):
+        FrameCache(0)
 
 
 def test_frame_range_selects_a_window(video_dir):

@@ -1,0 +1,57 @@
+"""Decoded video frames kept in a worker's memory, up to a byte budget (``data.video_frame_cache_mb``).
+
+A clip of a video file costs about one GOP of decoding (:class:`~mtssl_lightning.data.video.VideoFolder`
+seeks to the keyframe before it). When the training videos are few and short — the sample clips,
+a small lab set — the same frames are decoded again and again: in the quickstart, decoding took
+more CPU than the model's step. Keeping the decoded frames lets each frame be decoded once per
+worker. The frames returned are the very arrays decoding gave, so training is unchanged.
+
+Why not ``functools.lru_cache``: it bounds the number of entries, and a frame's size depends on
+the video; the budget here is in bytes, which is what a user can size against their memory.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Hashable
+
+import numpy as np
+
+
+class FrameCache:
+    """Frames by key (``(video, frame number)``), least recently used dropped first once the frames
+    together exceed ``max_bytes``. Each DataLoader worker fills its own (nothing is shared).
+
+    Args:
+        max_bytes: budget for the frames' pixel data; a frame larger than it is not kept.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        if max_bytes < 1:
+            raise ValueError(f"a frame cache needs a positive budget, got {max_bytes} bytes")
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._frames: OrderedDict[Hashable, np.ndarray] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    def get_all(self, keys: list[Hashable]) -> list[np.ndarray] | None:
+        """The frames of every key (marked as recently used), or ``None`` when any is missing."""
+        frames = [self._frames.get(key) for key in keys]
+        if any(frame is None for frame in frames):
+            return None
+        for key in keys:
+            self._frames.move_to_end(key)
+        return frames  # type: ignore[return-value]
+
+    def put(self, key: Hashable, frame: np.ndarray) -> None:
+        """Keep ``frame`` (read-only from now on: a caller that wrote into it would change the cache)."""
+        if key in self._frames or frame.nbytes > self.max_bytes:
+            return
+        frame.flags.writeable = False
+        self._frames[key] = frame
+        self.bytes += frame.nbytes
+        while self.bytes > self.max_bytes:
+            _, dropped = self._frames.popitem(last=False)
+            self.bytes -= dropped.nbytes
