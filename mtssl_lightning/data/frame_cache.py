@@ -33,6 +33,14 @@ class FrameCache:
         self.bytes = 0
         self._frames: OrderedDict[Hashable, np.ndarray] = OrderedDict()
 
+    def __getstate__(self) -> dict:
+        # a process that receives the source by pickling (spawned workers, other ranks) starts empty:
+        # sending the frames would cost more than decoding them again
+        return {"max_bytes": self.max_bytes}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["max_bytes"])
+
     def __len__(self) -> int:
         return len(self._frames)
 

@@ -9,6 +9,7 @@ blocks (robust to lossy codecs), which checks the frame numbering independently.
 from __future__ import annotations
 
 import os
+import pickle
 import warnings
 
 import av
@@ -203,6 +204,8 @@ def test_frame_cache_drops_the_least_recently_used_frames():
     cache.put(4, np.zeros((20, 20), np.uint8))  # larger than the whole budget: not kept, nothing dropped
     assert cache.get_all([4]) is None and len(cache) == 3
     assert not frames[0].flags.writeable  # kept frames are frozen, so no caller can change them
+    copy = pickle.loads(pickle.dumps(cache))  # what a spawned worker receives: the budget, no frames
+    assert copy.max_bytes == 300 and len(copy) == 0 and copy.bytes == 0
     with pytest.raises(ValueError, match="positive budget"):
         FrameCache(0)
 
