@@ -70,11 +70,11 @@ class MultiTaskDataModule(pl.LightningDataModule):
         video_val_root: separate validation videos; ``None`` holds out the last
             ``video_val_fraction`` of every video's frames (a split in time).
         video_val_fraction: share of each video's frames held out when ``video_val_root`` is not given.
-        video_frame_cache_mb: MiB of decoded frames each training worker keeps of the training video
-            files (:meth:`~mtssl_lightning.data.video.VideoFolder.cache_frames`; frame folders and
-            validation are not cached). Worth it when the training videos' decoded frames fit (the
-            sample clips' first 80 %: ~180 MiB): each frame is then decoded once per worker instead
-            of about once per clip that covers it. ``0`` (default): off.
+        video_frame_cache_mb: MiB of decoded frames of the training video files that each process
+            reading them keeps (:meth:`~mtssl_lightning.data.video.VideoFolder.cache_frames`; frame
+            folders and validation are not cached). Worth it when the training videos' decoded frames
+            fit (the sample clips' first 80 %: ~180 MiB): a clip whose frames were all decoded before
+            then comes from memory instead of a GOP of decoding. ``0`` (default): off.
         image_check: how image folders are screened before training (once per job, every
             file, see ``cache_dir``): ``header`` (default: opens each file's header — catches empty files,
             non-images, unknown formats), ``decode`` (decodes every image — also catches

@@ -198,9 +198,10 @@ class VideoFolder(VideoSource):
 
     def cache_frames(self, max_bytes: int) -> None:
         """Keep up to ``max_bytes`` of decoded frames in each process that reads clips (each DataLoader
-        worker its own, :class:`~mtssl_lightning.data.frame_cache.FrameCache`): a clip whose frames were all
-        decoded before is served from memory, bit for bit the same. Worth it when the videos are few
-        (the sample clips, a small set); ``0`` turns it off."""
+        worker its own, or the main process when the loader has no worker;
+        :class:`~mtssl_lightning.data.frame_cache.FrameCache`): a clip whose frames were all decoded
+        before is served from memory, the same frames decoding gave. Worth it when the videos are
+        few (the sample clips, a small set); ``max_bytes <= 0`` turns it off."""
         self.frame_cache = FrameCache(max_bytes) if max_bytes > 0 else None
 
     def path(self, i: int) -> Path:

@@ -11,6 +11,7 @@ from toy_tasks import Brightness, BrightnessSampler
 
 from mtssl_lightning import MultiTaskSSL
 from mtssl_lightning.data import ClipBatch, ImageBatch, MultiTaskDataModule, TaskBatch
+from mtssl_lightning.data.video import VideoFolder
 from mtssl_lightning.tasks import (
     ColorizationSampler,
     ExemplarSampler,
@@ -191,20 +192,23 @@ def test_datamodule_gives_clips_of_the_sample_video_split_in_time():
     assert all(torch.equal(a.clips, b.clips) for a, b in zip(val, again))  # the same every epoch
 
 
-
-
-def test_a_frame_cache_changes_no_training_clip():
+def test_a_frame_cache_changes_no_training_clip(monkeypatch):
     """``video_frame_cache_mb`` only saves decoding: the same seed gives the same training clips with and
     without it; the training videos fill their cache, the validation videos have none."""
     samplers = {"ms": MotionSegmentationSampler(batch_size=4, image_size=40, clip_length=5, frame_stride=2)}
-    clips = {}
+    clips, decodes = {}, {}
+    decode, counted = VideoFolder._seek_and_decode, []
+    monkeypatch.setattr(VideoFolder, "_seek_and_decode", lambda self, *a: counted.append(a) or decode(self, *a))
     for mb in (0, 64):
-        dm = MultiTaskDataModule(steps_per_epoch=6, num_workers=0, samplers=samplers, video_frame_cache_mb=mb)
+        dm = MultiTaskDataModule(steps_per_epoch=12, num_workers=0, samplers=samplers, video_frame_cache_mb=mb)
         dm.setup("fit")
+        counted.clear()
         torch.manual_seed(0)
         clips[mb] = [batch["ms"].clips for batch, *_ in dm.train_dataloader()]
+        decodes[mb] = len(counted)
         assert dm.val_videos.frame_cache is None
     assert dm.train_videos.frame_cache is not None and len(dm.train_videos.frame_cache) > 0
     assert all(torch.equal(a, b) for a, b in zip(clips[0], clips[64], strict=True))
+    assert decodes[0] == 48 and decodes[64] < 48, decodes  # some clips came from the cache
     with pytest.raises(ValueError, match="video_frame_cache_mb"):
         MultiTaskDataModule(video_frame_cache_mb=-1)

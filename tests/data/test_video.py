@@ -169,7 +169,7 @@ def test_cached_frames_are_the_decoded_frames_and_are_decoded_once(video_dir, mo
     before is served without decoding (the cache only saves work); a small budget keeps it in bounds."""
     decodes = []
     decode = VideoFolder._decode
-    monkeypatch.setattr(VideoFolder, "_decode", lambda self, *a: decodes.append(a[1]) or decode(self, *a))
+    monkeypatch.setattr(VideoFolder, "_decode", lambda self, *a: decodes.append(a[2]) or decode(self, *a))
     frame_bytes = H * W * 3
     for budget_frames in (10_000, 7):  # everything fits; only 7 frames fit (each clip still decoded right)
         source = VideoFolder(video_dir)
@@ -192,6 +192,18 @@ def test_cached_frames_are_the_decoded_frames_and_are_decoded_once(video_dir, mo
     assert source.frame_cache is None
 
 
+def test_a_pickled_video_folder_starts_with_an_empty_cache(video_dir):
+    """What a spawned DataLoader worker or another rank receives: the same videos and budget, no frames."""
+    source = VideoFolder(video_dir)
+    source.cache_frames(10**8)
+    clips = [source.read_clip(i, 3, 4, 2) for i in range(len(source))]
+    assert len(source.frame_cache) == 4 * len(source)
+    copy = pickle.loads(pickle.dumps(source))
+    assert len(copy.frame_cache) == 0 and copy.frame_cache.max_bytes == 10**8
+    assert all(np.array_equal(copy.read_clip(i, 3, 4, 2), clips[i]) for i in range(len(source)))
+    assert len(copy.frame_cache) == 4 * len(source)
+
+
 def test_frame_cache_drops_the_least_recently_used_frames():
     cache = FrameCache(max_bytes=300)
     frames = {k: np.full((10, 10), k, np.uint8) for k in range(5)}  # 100 bytes each
@@ -203,6 +215,9 @@ def test_frame_cache_drops_the_least_recently_used_frames():
     assert cache.get_all([1]) is None and cache.get_all([0, 2, 3]) is not None
     cache.put(4, np.zeros((20, 20), np.uint8))  # larger than the whole budget: not kept, nothing dropped
     assert cache.get_all([4]) is None and len(cache) == 3
+    cache.put(0, frames[0])  # kept already (order 0, 2, 3): counts as used now, so 2 is the oldest
+    cache.put(1, frames[1])
+    assert cache.get_all([2]) is None and cache.get_all([3, 0, 1]) is not None
     assert not frames[0].flags.writeable  # kept frames are frozen, so no caller can change them
     copy = pickle.loads(pickle.dumps(cache))  # what a spawned worker receives: the budget, no frames
     assert copy.max_bytes == 300 and len(copy) == 0 and copy.bytes == 0
