@@ -7,7 +7,8 @@
   sync-free augmentation over the repeated batch) on crops of the sample photos;
 * **clips/s decoded** — :class:`~mtssl_lightning.data.clips.ClipDataset` in a ``DataLoader``
   with 2 workers (PyAV seek + decode + crop/resize on the CPU), the CPU side that feeds motion
-  segmentation.
+  segmentation; side by side without and with ``data.video_frame_cache_mb`` (decoded frames kept
+  per worker, :class:`~mtssl_lightning.data.frame_cache.FrameCache`), and their ratio.
 
 Medians over repeats after a warm-up. Runs on CUDA when available (the device), else on the CPU.
 Run from the repository root::
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[96, 224], help="crop sides")
     parser.add_argument("--clips", type=int, default=16, help="clips per motion-mask batch")
     parser.add_argument("--images", type=int, default=32, help="images per exemplar batch (8 views each)")
+    parser.add_argument("--frame-cache-mb", type=int, default=256, help="data.video_frame_cache_mb of the cached decoding rows")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
@@ -76,6 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     rows = []  # (what, unit, rates, short label for the chart)
+    speedups = []  # clip decoding with the frame cache / without, per size (medians of the same run)
     for size in args.sizes:
         clips = ClipDataset(SampleVideos("train"), size, clip_length=5, frame_stride=2, length=args.clips, train=False)
         batch = ClipBatch.collate([clips[i] for i in range(args.clips)])
@@ -92,20 +95,26 @@ def main(argv: list[str] | None = None) -> None:
             f"exemplar views, {size}² crops",
         ))
 
-        loader = DataLoader(
-            ClipDataset(SampleVideos("train"), size, 5, 2, length=8 * args.clips),
-            batch_size=args.clips, num_workers=2, collate_fn=ClipBatch.collate, persistent_workers=True,
-        )
+        decoded = {}
+        for cache_mb in (0, args.frame_cache_mb):  # side by side: every clip decoded, then with data.video_frame_cache_mb
+            videos = SampleVideos("train")
+            videos.cache_frames(cache_mb * 2**20)
+            loader = DataLoader(
+                ClipDataset(videos, size, 5, 2, length=8 * args.clips),
+                batch_size=args.clips, num_workers=2, collate_fn=ClipBatch.collate, persistent_workers=True,
+            )
 
-        def decode(loader: DataLoader = loader) -> None:
-            for _ in loader:
-                pass
+            def decode(loader: DataLoader = loader) -> None:
+                for _ in loader:
+                    pass
 
-        r = rate(decode, 8 * args.clips, torch.device("cpu"), 1, max(2, args.repeats // 2))
-        rows.append((
-            f"clip decoding (CPU, 2 workers), 5 frames stride 2 → {size}², sample video 640×272", "clips/s", r,
-            f"clip decoding → {size}²",
-        ))
+            decoded[cache_mb] = r = rate(decode, 8 * args.clips, torch.device("cpu"), 1, max(2, args.repeats // 2))
+            cached = f", frame cache {cache_mb} MiB/worker" if cache_mb else ""
+            rows.append((
+                f"clip decoding (CPU, 2 workers{cached}), 5 frames stride 2 → {size}², sample videos", "clips/s", r,
+                f"clip decoding{' (cached)' if cache_mb else ''} → {size}²",
+            ))
+        speedups.append(f"{statistics.median(decoded[args.frame_cache_mb]) / statistics.median(decoded[0]):.1f}× at {size}²")
 
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "the CPU (no CUDA device)"
     lines = [
@@ -121,6 +130,13 @@ def main(argv: list[str] | None = None) -> None:
         "|---|---|---:|",
     ]
     lines += [f"| {what} | {unit} | {cell(r)} |" for what, unit, r, _ in rows]
+    lines += [
+        "",
+        (
+            f"Clip decoding with the frame cache against without it (medians, same run; the cache fills during the "
+            f"warm-up pass and the timed passes, {8 * args.clips} clips each): {', '.join(speedups)}."
+        ),
+    ]
     lines += ["", bar_chart(
         "video_tasks",
         [f"{short} ({unit})" for _, unit, _, short in rows],
