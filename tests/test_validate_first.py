@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.cli import LightningCLI
 from run_configs import config_under, ended_runs
 
 from mtssl_lightning.callbacks import ValidateBeforeTraining
@@ -44,3 +47,32 @@ def test_a_fit_logs_the_untrained_validation_at_step_0_and_trains_the_same_batch
     assert weights.keys() == reference.keys()
     for name, value in weights.items():
         torch.testing.assert_close(value, reference[name], rtol=0, atol=0, msg=name)
+
+
+class SanityChecks(Callback):
+    """Counts Lightning's sanity checks (a config adds it as ``test_validate_first.SanityChecks``)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def on_sanity_check_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.count += 1
+
+
+def _sanity_checks(cli: LightningCLI) -> int:
+    [counter] = [c for c in cli.trainer.callbacks if isinstance(c, SanityChecks)]
+    return counter.count
+
+
+def test_the_pass_replaces_the_sanity_check_unless_the_fit_resumes(tmp_path):
+    # from scratch: the pass before the first step validates every batch, the 2-batch sanity check before it is skipped
+    counted = ["--trainer.logger=false", "--trainer.callbacks+=test_validate_first.SanityChecks", "--trainer.num_sanity_val_steps=2"]
+    fresh = run(["fit", *_args(tmp_path, *counted)])
+    assert _sanity_checks(fresh) == 0
+    [last] = tmp_path.rglob("last.ckpt")
+    # without the pass, Lightning's own sanity check runs as usual
+    off = ["--trainer.callbacks+=mtssl_lightning.callbacks.ValidateBeforeTraining", "--trainer.callbacks.enabled=false"]
+    assert _sanity_checks(run(["fit", *_args(tmp_path / "off", *counted, *off)])) == 1
+    # resuming: no pass (the curve has its start), so the sanity check stays
+    resumed = run(["fit", *_args(tmp_path / "resumed", *counted, "--trainer.max_epochs=2", f"--ckpt_path={last}")])
+    assert resumed.trainer.global_step == 6 and _sanity_checks(resumed) == 1

@@ -21,7 +21,8 @@ class ValidateBeforeTraining(Callback):
     """Validate (and log) the model before its first training step.
 
     Skipped when the fit does not validate (``limit_val_batches=0``, no validation data) and when
-    it resumes from a checkpoint (``global_step > 0``: the curve already has its start).
+    it resumes from a checkpoint (``global_step > 0``: the curve already has its start). A fit it
+    validates first skips Lightning's sanity check (a subset of the same pass, just before it).
     ``mtssl fit`` adds it to every run; ``enabled=False`` in the config's callbacks turns it off.
     The validation uses the random state of a copy: torch's (CPU and CUDA), NumPy's and Python's
     generators are restored afterwards (``isolate_rng``), so the training batches and the
@@ -33,6 +34,15 @@ class ValidateBeforeTraining(Callback):
 
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A fit that starts from scratch runs the whole validation before its first step, which
+        # fails as early as Lightning's sanity check would and sees every batch: skip the sanity
+        # check (2 batches of every loader, seconds per run). A resumed fit keeps it (so does one
+        # whose strategy restores checkpoints after this hook: whether it resumes is unknown here).
+        resuming = trainer.ckpt_path is not None or trainer.strategy.restore_checkpoint_after_setup
+        if self.enabled and not resuming and trainer.enable_validation:
+            trainer.num_sanity_val_steps = 0
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.enabled or trainer.global_step > 0 or not trainer.enable_validation:
