@@ -255,8 +255,16 @@ def downsample_upsample(patches: Tensor, sides: Tensor) -> Tensor:
     count, _, size, _ = patches.shape
     if count == 0:
         return patches
-    resample = _resampling_matrices(sides.to(device=patches.device).clamp(1, size), size, patches.dtype)  # (M, p, p)
+    resample = _resampling_table(size, patches.dtype, patches.device)[sides.to(device=patches.device).clamp(1, size)]  # (M, p, p)
     return resample[:, None] @ patches @ resample[:, None].transpose(-1, -2)
+
+
+@tensor_cache(maxsize=16)
+def _resampling_table(size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``(size + 1, size, size)``: :func:`_resampling_matrices` of every side ``0 … size`` (side 0
+    as side 1), made once per size, dtype and device; a batch then gathers its patches' rows
+    instead of building ``M`` matrices every step."""
+    return _resampling_matrices(torch.arange(size + 1, device=device).clamp(min=1), size, dtype)
 
 
 def _resampling_matrices(sides: Tensor, size: int, dtype: torch.dtype) -> Tensor:
