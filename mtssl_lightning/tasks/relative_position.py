@@ -255,7 +255,8 @@ def downsample_upsample(patches: Tensor, sides: Tensor) -> Tensor:
     count, _, size, _ = patches.shape
     if count == 0:
         return patches
-    resample = _resampling_table(size, patches.dtype, patches.device)[sides.to(device=patches.device).clamp(1, size)]  # (M, p, p)
+    table = _resampling_table(size, patches.dtype, patches.device)  # (p + 1, p, p)
+    resample = table[sides.to(device=patches.device).clamp(1, size)]  # (M, p, p)
     return resample[:, None] @ patches @ resample[:, None].transpose(-1, -2)
 
 
